@@ -1,0 +1,5 @@
+import sys
+
+from xraycls.cli import main
+
+sys.exit(main())

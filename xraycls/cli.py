@@ -1,0 +1,151 @@
+"""`xraycls` command line: download | synth | prepare | inspect.
+
+Each subcommand is a thin shell over one library function; heavy imports (torch, Lightning) happen inside
+the handler so that `xraycls download --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def _command(name: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[name] = handler
+        return handler
+
+    return register
+
+
+@_command("download")
+def _download(args: argparse.Namespace) -> int:
+    from xraycls.data.download import download_nih, parse_archive_selection
+
+    report = download_nih(
+        Path(args.root),
+        parse_archive_selection(args.archives),
+        workers=args.workers,
+        keep_archives=args.keep_archives,
+        sources=Path(args.sources) if args.sources else None,
+        progress=not args.quiet,
+    )
+    print(report.format())
+    return 0 if report.ok() else 1
+
+
+@_command("synth")
+def _synth(args: argparse.Namespace) -> int:
+    from xraycls.data.synthetic import make_synthetic_nih
+
+    summary = make_synthetic_nih(
+        Path(args.out), args.n, size=args.size, seed=args.seed, min_prevalence=args.min_prevalence
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+@_command("prepare")
+def _prepare(args: argparse.Namespace) -> int:
+    from xraycls.data.cache import prepare_cache
+
+    report = prepare_cache(
+        Path(args.root), Path(args.cache), size=args.size, workers=args.workers, progress=not args.quiet
+    )
+    corrupt = report["corrupt"]
+    print(
+        f"prepared {report['ok']} images at {report['size']} px into {args.cache} "
+        f"({report['images_per_s']:.0f} images/s); corrupt: {len(corrupt)}; "
+        f"missing: {report['missing']['count']}"
+    )
+    for item in corrupt:
+        print(f"  corrupt: {item['image']}: {item['reason']}")
+    return 0
+
+
+@_command("inspect")
+def _inspect(args: argparse.Namespace) -> int:
+    from xraycls.data.inspect import inspect_datamodule
+
+    summary = inspect_datamodule(
+        cache_dir=args.cache,
+        root=args.root,
+        image_size=args.size,
+        input_size=args.input_size,
+        split=args.split,
+        split_seed=args.split_seed,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xraycls", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="fetch NIH ChestX-ray14 (labels, split lists, image archives)")
+    p.add_argument("--root", required=True, help="dataset folder; images land in ROOT/images/")
+    p.add_argument("--archives", default="all", help="'all' or archive numbers 1-12, e.g. '1,2' or '1-3'")
+    p.add_argument("--workers", type=int, default=2, help="files downloaded at once")
+    p.add_argument("--keep-archives", action="store_true", help="keep the .tar.gz files after extraction")
+    p.add_argument("--sources", help="a TSV of mirror URLs with the package's columns (default: NIH's links)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("synth", help="make a synthetic dataset in the NIH layout with a planted signal")
+    p.add_argument("--out", required=True, help="output folder (NIH layout)")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-prevalence", type=float, default=0.0, help="raise every finding to this prevalence")
+
+    p = sub.add_parser("prepare", help="decode and resize the PNGs once into a uint8 memmap cache")
+    p.add_argument("--root", required=True, help="dataset folder with images/, a label file and split lists")
+    p.add_argument("--cache", required=True, help="cache folder to write")
+    p.add_argument("--size", type=int, default=256, help="cached image side in pixels")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("inspect", help="one pass of the DataModule over a cache and a data summary (JSON)")
+    p.add_argument("--cache", required=True, help="cache folder written by `xraycls prepare`")
+    p.add_argument("--root", default=None, help="dataset folder, to prepare the cache if it is missing")
+    p.add_argument("--size", type=int, default=256, help="cached image side")
+    p.add_argument("--input-size", type=int, default=224, help="model input side")
+    p.add_argument("--split", default="official", help="official | patient_random | seed_random")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Bad input ends with one line naming the problem, not a traceback (use -v for the traceback).
+        if args.verbose:
+            raise
+        print(f"xraycls {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xraycls {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
