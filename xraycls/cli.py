@@ -33,7 +33,8 @@ def _download(args: argparse.Namespace) -> int:
 
     report = download_nih(
         Path(args.root),
-        parse_archive_selection(args.archives),
+        # None = every archive the sources list, so a mirror TSV with fewer archives still works.
+        None if args.archives == "all" else parse_archive_selection(args.archives),
         workers=args.workers,
         keep_archives=args.keep_archives,
         sources=Path(args.sources) if args.sources else None,
