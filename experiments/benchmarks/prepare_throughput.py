@@ -1,0 +1,174 @@
+"""Prepare throughput per core on the real NIH sample (100 PNGs, 1024 x 1024) against a plain PIL loop.
+
+Both sides do the same job, file -> 8-bit gray 256 x 256 array, one core each, in the same run:
+
+- plain PIL: `Image.open(path).convert("L").resize((256, 256), Image.BOX)` (area averaging) -> numpy;
+- `load_xray`: the project's decoding rule alone (OpenCV, INTER_AREA);
+- `prepare_cache(workers=1)`: the whole `xraycls prepare` (label parsing, chunk files, assembly included).
+
+Files are read once first so that every timing comes from the page cache. Each method runs `--rounds`
+times in rotation; the best round counts (least disturbed by other work on a shared machine), the
+median is reported too.
+OpenCV is held to one thread so that "per core" means one core. Target: prepare >= 1.2x plain PIL.
+
+Run: `python experiments/benchmarks/prepare_throughput.py [--rounds 15] [--out experiments/results]`.
+Writes `prepare_throughput_<date>.md` (table, machine, JSON) into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from xraycls.data.cache import prepare_cache
+from xraycls.data.images import load_xray
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+NIH_SHARED = PROJECT_ROOT.parent / "shared" / "nih"
+SIZE = 256
+TARGET = 1.2
+
+
+def _pil_loop(paths: list[Path]) -> None:
+    for path in paths:
+        with Image.open(path) as image:
+            np.asarray(image.convert("L").resize((SIZE, SIZE), Image.BOX))
+
+
+def _load_xray_loop(paths: list[Path]) -> None:
+    for path in paths:
+        load_xray(path, SIZE)
+
+
+def _make_root(base: Path) -> Path:
+    """A dataset folder of symlinks to the sample, its label rows and the official split lists."""
+    manifest = pd.read_csv(NIH_SHARED / "sample_manifest.csv")
+    root = base / "nih"
+    (root / "images").mkdir(parents=True)
+    for name in manifest["Image Index"]:
+        (root / "images" / name).symlink_to(NIH_SHARED / "sample" / name)
+    wanted = set(manifest["Image Index"])
+    with gzip.open(NIH_SHARED / "Data_Entry_2017_v2020.csv.gz", "rt") as handle:
+        lines = handle.read().splitlines()
+    rows = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in wanted]
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(rows) + "\n")
+    for split, list_name in (("train_val", "train_val_list.txt"), ("test", "test_list.txt")):
+        (root / list_name).write_text(
+            "\n".join(manifest.loc[manifest["official_split"] == split, "Image Index"])
+        )
+    return root
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def run(rounds: int) -> dict:
+    cv2.setNumThreads(1)
+    paths = sorted((NIH_SHARED / "sample").glob("*.png"))
+    if len(paths) != 100:
+        raise FileNotFoundError(
+            f"expected the 100 NIH sample PNGs in {NIH_SHARED / 'sample'}, found {len(paths)}"
+        )
+    for path in paths:  # into the page cache
+        path.read_bytes()
+    seconds: dict[str, list[float]] = {"plain_pil": [], "load_xray": [], "prepare_workers_1": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _make_root(Path(tmp))
+        for round_number in range(rounds):
+            for method in seconds:
+                start = time.perf_counter()
+                if method == "plain_pil":
+                    _pil_loop(paths)
+                elif method == "load_xray":
+                    _load_xray_loop(paths)
+                else:
+                    cache = Path(tmp) / f"cache{round_number}"
+                    report = prepare_cache(root, cache, size=SIZE, workers=1, chunk_size=25, progress=False)
+                    assert report["ok"] == 100, report
+                    shutil.rmtree(cache)
+                seconds[method].append(time.perf_counter() - start)
+    rates = {method: round(len(paths) / min(times), 1) for method, times in seconds.items()}
+    medians = {method: round(len(paths) / float(np.median(times)), 1) for method, times in seconds.items()}
+    return {
+        "date": dt.date.today().isoformat(),
+        "cpu": _cpu_model(),
+        "cores_used": 1,
+        "images": len(paths),
+        "source": "NIH ChestX-ray14 sample, 1024x1024 PNG (97 L, 3 RGBA)",
+        "size": SIZE,
+        "rounds": rounds,
+        "images_per_s_per_core": rates,
+        "median_images_per_s_per_core": medians,
+        "prepare_vs_pil": round(rates["prepare_workers_1"] / rates["plain_pil"], 2),
+        "load_xray_vs_pil": round(rates["load_xray"] / rates["plain_pil"], 2),
+        "prepare_vs_pil_medians": round(medians["prepare_workers_1"] / medians["plain_pil"], 2),
+        "target": TARGET,
+        "versions": {
+            "python": platform.python_version(),
+            "opencv": cv2.__version__,
+            "pillow": Image.__version__,
+            "numpy": np.__version__,
+        },
+    }
+
+
+def _markdown(result: dict) -> str:
+    best, median = result["images_per_s_per_core"], result["median_images_per_s_per_core"]
+    met = "met" if result["prepare_vs_pil"] >= result["target"] else "NOT met"
+    rows = "\n".join(
+        f"| {name} | {best[name]:.1f} | {best[name] / best['plain_pil']:.2f}x "
+        f"| {median[name]:.1f} | {median[name] / median['plain_pil']:.2f}x |"
+        for name in best
+    )
+    return (
+        f"# Prepare throughput per core, {result['date']}\n\n"
+        f"Machine: {result['cpu']} (`lscpu` model name; a 2-core VM shared with other work), one core per\n"
+        f"method, OpenCV held to 1 thread. Data: {result['source']}, to {result['size']}x{result['size']}\n"
+        f"uint8; {result['rounds']} rounds in rotation. Command: "
+        "`python experiments/benchmarks/prepare_throughput.py`.\n\n"
+        "| method | best images/s per core | vs plain PIL | median images/s | vs plain PIL |\n"
+        "| --- | --- | --- | --- | --- |\n"
+        f"{rows}\n\n"
+        f"Target prepare >= {result['target']}x plain PIL (best rounds): **{met}** "
+        f"({result['prepare_vs_pil']}x; medians {result['prepare_vs_pil_medians']}x).\n\n"
+        f"```json\n{json.dumps(result, indent=2)}\n```\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "experiments" / "results"))
+    args = parser.parse_args()
+    result = run(args.rounds)
+    text = _markdown(result)
+    out = Path(args.out) / f"prepare_throughput_{result['date']}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
