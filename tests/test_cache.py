@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -275,9 +276,21 @@ def test_missing_inputs_fail_before_any_work(tree, tmp_path: Path) -> None:
         shutil.copy(source / name, root / name)
     with pytest.raises(FileNotFoundError, match="none of the 40 images"):
         prepare_cache(root, tmp_path / "c", size=SIZE, progress=False)
-    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive whole number, got 0"):
         prepare_cache(source, tmp_path / "c", size=SIZE, chunk_size=0, progress=False)
+    with pytest.raises(ValueError, match="workers must be a positive whole number, got 0"):
+        prepare_cache(source, tmp_path / "c", size=SIZE, workers=0, progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_too_little_disk_space_stops_before_decoding(tree, tmp_path, monkeypatch) -> None:
+    root, _ = tree
+    calls = _counting(monkeypatch)
+    free = 38 * SIZE * SIZE  # room for the chunks or the array, not both
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    with pytest.raises(ValueError, match=r"not enough free disk space in .*cache"):
+        prepare_cache(root, tmp_path / "cache", size=SIZE, workers=1, progress=False)
+    assert calls == []
 
 
 def test_open_cache_explains_absent_incomplete_and_inconsistent_caches(prepared, tmp_path: Path) -> None:

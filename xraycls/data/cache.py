@@ -8,8 +8,8 @@ lists. Outputs in `cache_dir`:
 - `index.csv`: one row per array row, same order: `INDEX_COLUMNS`;
 - `prepare_report.json`: `ok`, `corrupt` [{"image", "reason"}], `missing` {"count", "first"} (label rows
   without an image file: a partial download is normal), `size`, `seconds`, `images_per_s`, `workers`,
-  `label_file`, and `arrays` {size: {...}}: the sizes this index is valid for (one cache folder can hold
-  several sizes of the same inputs).
+  `label_file`, and `arrays` {size: {rows, inputs, ...}}: the sizes made in this folder, each with the
+  fingerprint of its inputs (one folder holds several sizes; one made from other inputs is stale).
 
 Rows are the label file's rows whose image exists, in label-file order, minus corrupt images (skipped and
 reported, never fatal). Work is done in chunks of `chunk_size` images by a pool of processes; each finished
@@ -17,6 +17,8 @@ chunk is saved atomically in `cache_dir/.partial_{size}/`, so a rerun after an i
 unfinished chunks. The chunks are then streamed in order into the array, so memory stays bounded by
 chunk_size x workers images whatever N is, and the result is byte-identical to an uninterrupted run. The
 array and the index are replaced atomically and the report is written last: it is the completion mark.
+Disk: the chunks and the final array coexist while assembling, so about twice the array's size is needed
+(checked before decoding).
 """
 
 from __future__ import annotations
@@ -243,11 +245,19 @@ def _assemble(partial: Path, chunks: int, size: int, target: Path) -> tuple[list
 
 
 def _check_settings(size: int, chunk_size: int, workers: int | None) -> None:
-    for name, value in (("size", size), ("chunk_size", chunk_size), ("workers", workers)):
-        if value is None and name == "workers":
-            continue
+    settings = {"size": size, "chunk_size": chunk_size, **({} if workers is None else {"workers": workers})}
+    for name, value in settings.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def _check_disk(cache_dir: Path, need: int) -> None:
+    free = shutil.disk_usage(cache_dir).free
+    if free < need:
+        raise ValueError(
+            f"not enough free disk space in {cache_dir}: the cache needs about {need / 1e9:.2f} GB more "
+            f"(chunks, then the array), {free / 1e9:.2f} GB are free"
+        )
 
 
 def _decode(
@@ -270,6 +280,7 @@ def _decode(
         log.info("resuming: %d of %d chunks already decoded in %s", len(jobs) - len(todo), len(jobs), partial)
     pool_size = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
     decoded = sum(len(job[1]) for job in todo)
+    _check_disk(partial, (decoded + len(names)) * size * size)
     desc = f"prepare {size}px"
     with tqdm(
         total=len(names), initial=len(names) - decoded, unit="img", desc=desc, disable=not progress
