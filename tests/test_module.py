@@ -1,0 +1,265 @@
+"""XrayClassifier under a real Lightning Trainer on the CPU, with the tiny ViT and a separable toy problem."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from xraycls.findings import LABELS, NUM_LABELS
+from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS, create_backbone
+from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
+from xraycls.model.schedule import warmup_cosine_factor
+
+BATCH = 16
+
+
+def _toy(n: int, seed: int) -> TensorDataset:
+    """64x64 'normalised' images: each present label adds its own 8x8 texture, tiled over the image.
+
+    The textures are fixed (one generator for all sets); the noise and labels come from `seed`.
+    """
+    textures = np.random.default_rng(1234).normal(0.0, 1.0, (NUM_LABELS, 3, 8, 8)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, NUM_LABELS)) < 0.3).astype(np.float32)
+    signal = np.einsum("nl,lchw->nchw", labels, textures)
+    images = rng.normal(0.0, 0.5, (n, 3, 64, 64)).astype(np.float32) + np.tile(signal, (1, 1, 8, 8))
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def _loader(n: int, seed: int, shuffle: bool = False) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(_toy(n, seed), batch_size=BATCH, shuffle=shuffle, generator=generator)
+
+
+def _module(**kwargs: Any) -> XrayClassifier:
+    settings = {"backbone": TINY_BACKBONE, "weights": "none", **TINY_BACKBONE_KWARGS, **kwargs}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return XrayClassifier(**settings)
+
+
+def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tmp_path,
+        **kwargs,
+    }
+    return L.Trainer(**settings)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[L.Trainer, XrayClassifier, Path]:
+    """Four epochs on 128 toy images, validated on 64 others, then tested; metrics.csv from CSVLogger."""
+    root = tmp_path_factory.mktemp("fit")
+    module = _module(lr=2e-3, warmup_ratio=0.1, weight_decay=0.01)
+    logger = CSVLogger(root, name="run", version=0)
+    trainer = _trainer(root, max_epochs=4, logger=logger, log_every_n_steps=1)
+    trainer.fit(module, _loader(128, seed=1, shuffle=True), _loader(64, seed=2))
+    trainer.test(module, _loader(64, seed=3), verbose=False)
+    return trainer, module, Path(logger.log_dir) / "metrics.csv"
+
+
+def test_learns_a_separable_toy_problem(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
+    _, module, csv = fitted
+    assert module.last_metrics["val"]["auroc_macro14"] > 0.9
+    assert module.last_metrics["test"]["auroc_macro14"] > 0.9
+    val = pd.read_csv(csv).dropna(subset=["val/loss"])
+    assert len(val) == 4  # one row per epoch
+    # Predicting the 30% prevalence for every label would score a BCE of 0.61.
+    assert val["val/loss"].iloc[-1] < min(0.55, 0.9 * val["val/loss"].iloc[0])
+    assert val["val/auroc_macro14"].iloc[-1] > val["val/auroc_macro14"].iloc[0]
+    train_loss = pd.read_csv(csv)["train/loss"].dropna()
+    assert train_loss.tail(4).mean() < 0.8 * train_loss.head(4).mean()
+
+
+def test_logged_keys(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
+    trainer, module, csv = fitted
+    columns = set(pd.read_csv(csv).columns)
+    expected = {"train/loss", "lr", "train/loss_epoch", "train/auroc_macro14"}
+    for stage in ("val", "test"):
+        expected |= {f"{stage}/{k}" for k in ("loss", "auroc_macro14", "auroc_macro15", "auroc_seed_compat")}
+        expected |= {f"{stage}/auroc/{label}" for label in LABELS}
+    assert expected <= columns, sorted(expected - columns)
+    lr = pd.read_csv(csv)["lr"].dropna()
+    assert len(lr) == 4 * 128 // BATCH  # one per optimizer step
+    # The summary the run writes: the same numbers as were logged.
+    test = module.last_metrics["test"]
+    assert set(test) == {"loss", "auroc_macro14", "auroc_macro15", "auroc_seed_compat", "auroc_per_finding"}
+    assert list(test["auroc_per_finding"]) == list(LABELS)
+    assert trainer.callback_metrics["test/auroc_macro14"].item() == pytest.approx(test["auroc_macro14"])
+    assert trainer.callback_metrics["test/loss"].item() == pytest.approx(test["loss"])
+
+
+def test_predict_returns_probabilities(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
+    trainer, module, _ = fitted
+    batches = trainer.predict(module, _loader(32, seed=3))
+    probabilities = torch.cat(batches)
+    assert probabilities.shape == (32, NUM_LABELS)
+    assert torch.all((probabilities >= 0) & (probabilities <= 1))
+    images = _toy(32, seed=3).tensors[0]
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(probabilities, torch.sigmoid(module(images)), atol=1e-6)
+
+
+def test_checkpoint_reloads_as_module_and_as_backbone_weights(
+    fitted: tuple[L.Trainer, XrayClassifier, Path], tmp_path: Path
+) -> None:
+    trainer, module, _ = fitted
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    images = _toy(8, seed=4).tensors[0]
+    reloaded = XrayClassifier.load_from_checkpoint(path, weights="none").eval()
+    assert reloaded.hparams.backbone == TINY_BACKBONE and reloaded.hparams.lr == 2e-3
+    backbone = create_backbone(TINY_BACKBONE, weights=path, **TINY_BACKBONE_KWARGS).eval()
+    module.eval()
+    with torch.no_grad():
+        expected = module(images)
+        assert torch.equal(reloaded(images), expected)
+        assert torch.equal(backbone(images), expected)
+
+
+def test_steps_run_without_a_trainer_and_never_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _module()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a step called self.log")
+
+    monkeypatch.setattr(module, "log", refuse)
+    monkeypatch.setattr(module, "log_dict", refuse)
+    images, labels = _toy(BATCH, seed=5).tensors
+    out = module.training_step((images, labels), 0)
+    assert out["loss"].requires_grad and out["loss"].ndim == 0
+    assert not out["logits"].requires_grad and out["logits"].shape == (BATCH, NUM_LABELS)
+    assert torch.equal(out["labels"], labels)
+    module.eval()
+    with torch.no_grad():
+        for step in (module.validation_step, module.test_step):
+            out = step((images, labels), 0)
+            assert set(out) == {"loss", "logits", "labels"}
+            assert out["loss"].item() == pytest.approx(module.loss(out["logits"], labels).item())
+    metrics = (module.train_metrics, module.val_metrics, module.test_metrics)
+    assert all(metric.counts.update_count == 0 for metric in metrics)
+
+
+class _ScheduleProbe(L.Callback):
+    """Records, per batch, the scheduler steps taken before it, its lr, and the lr the module logged."""
+
+    def __init__(self) -> None:
+        self.steps_before: list[int] = []
+        self.lrs: list[float] = []
+        self.logged_lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        self._read_logged_lr(trainer)
+        self.steps_before.append(trainer.lr_scheduler_configs[0].scheduler.last_epoch)
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_end(self, trainer: L.Trainer, *args: object) -> None:
+        self._read_logged_lr(trainer)
+
+    def _read_logged_lr(self, trainer: L.Trainer) -> None:
+        # Callbacks' on_train_batch_end runs before the module's, so read what the last batch logged here.
+        if "lr" in trainer.callback_metrics:
+            self.logged_lrs.append(trainer.callback_metrics["lr"].item())
+
+
+def test_lr_schedule_steps_once_per_optimizer_step(tmp_path: Path) -> None:
+    module = _module(lr=1e-3, warmup_ratio=0.5)
+    probe = _ScheduleProbe()
+    trainer = _trainer(
+        tmp_path, max_epochs=1, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[probe]
+    )
+    trainer.fit(module, _loader(8 * BATCH, seed=6))
+
+    assert trainer.estimated_stepping_batches == 4
+    assert probe.steps_before == [0, 0, 1, 1, 2, 2, 3, 3]  # one scheduler step per two batches
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
+    factor = warmup_cosine_factor(4, warmup_ratio=0.5)
+    assert probe.lrs == pytest.approx([1e-3 * factor(step) for step in probe.steps_before])
+    assert probe.logged_lrs == pytest.approx(probe.lrs, abs=1e-9)
+
+
+def test_pos_weight_changes_the_loss_as_computed_by_hand() -> None:
+    weights = [float(w) for w in np.linspace(0.5, 8.0, NUM_LABELS)]
+    weighted, plain = _module(pos_weight=weights), _module()
+    rng = np.random.default_rng(8)
+    logits = torch.from_numpy(rng.normal(size=(6, NUM_LABELS)).astype(np.float32))
+    labels = torch.from_numpy((rng.random((6, NUM_LABELS)) < 0.4).astype(np.float32))
+
+    p = torch.sigmoid(logits.double())
+    y, w = labels.double(), torch.tensor(weights, dtype=torch.float64)
+    by_hand = -(w * y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    assert weighted.loss(logits, labels).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    unweighted = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    assert plain.loss(logits, labels).item() == pytest.approx(unweighted.item(), rel=1e-5)
+    assert "pos_weight" not in weighted.state_dict()  # a hyperparameter, rebuilt from hparams
+
+
+def test_pos_weight_from_prevalence() -> None:
+    assert pos_weight_from_prevalence(torch.tensor([0.5, 0.1, 0.0, 0.002])) == pytest.approx(
+        [1.0, 9.0, 100.0, 100.0]
+    )
+    assert pos_weight_from_prevalence(torch.tensor([1.0]), max_weight=50) == pytest.approx([1 / 50])
+    with pytest.raises(ValueError, match="fractions"):
+        pos_weight_from_prevalence(torch.tensor([1.5]))
+
+
+def test_layer_decay_gives_early_blocks_smaller_lr(tmp_path: Path) -> None:
+    module = _module(lr=1e-3, layer_decay=0.5)
+    module.trainer = _trainer(tmp_path, max_epochs=-1, max_steps=10)
+    config = module.configure_optimizers()
+    optimizer = config["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert config["lr_scheduler"]["interval"] == "step"
+    lr_of = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    blocks = [lr_of[id(module.backbone.blocks[i].attn.qkv.weight)] for i in range(6)]
+    assert blocks == sorted(blocks) and blocks[0] == pytest.approx(1e-3 * 0.5**6)
+    assert lr_of[id(module.backbone.head.weight)] == pytest.approx(1e-3)
+    assert optimizer.param_groups[0]["lr"] == 0.0  # the warm-up starts from 0
+
+
+def test_compile_flag_compiles_the_backbone_in_place() -> None:
+    module = _module(compile=True)
+    assert module.backbone._compiled_call_impl is not None  # forward goes through torch.compile
+    assert all(not key.startswith("_orig_mod") for key in module.state_dict())
+    assert _module().backbone._compiled_call_impl is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 14}, "num_classes"),
+        ({"pos_weight": [1.0] * 14}, "pos_weight"),
+        ({"pos_weight": [1.0] * 14 + [-1.0]}, "pos_weight"),
+        ({"warmup_ratio": 2.0}, "warmup_ratio"),
+        ({"lr": -1.0}, "lr"),
+        ({"layer_decay": 0.0}, "layer_decay"),
+    ],
+)
+def test_bad_settings_stop_before_any_download(
+    kwargs: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were the backbone built first, this would say "offline"
+    with pytest.raises(ValueError, match=message):
+        XrayClassifier(backbone=TINY_BACKBONE, weights="hub", **kwargs)
+
+
+def test_nan_free_metrics_need_both_classes(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
+    _, module, _ = fitted
+    assert all(not math.isnan(v) for v in module.last_metrics["val"]["auroc_per_finding"].values())
