@@ -291,8 +291,12 @@ def test_workers_draw_different_augmentations(tmp_path: Path) -> None:
     path = _gradient_cache(tmp_path)
     labels = np.zeros((8, NUM_LABELS), np.float32)
     dataset = CachedXrayDataset(path, IMAGE, np.arange(8), labels, build_train_transform(INPUT))
+    # Use OpenCV's thread pool in this process first: forked workers must still run (no cv2 deadlock).
+    big = np.zeros((256, 256), np.uint8)
+    for _ in range(20):
+        cv2.warpAffine(big, np.float32([[1, 0.05, 0], [0.05, 1, 0]]), (224, 224))
     # Batch k goes to worker k % 2: batches 0 and 1 are each worker's first draw.
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, shuffle=False)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, shuffle=False, timeout=60)
     images = [batch[0] for batch, _ in loader]
     assert not torch.equal(images[0], images[1])
 

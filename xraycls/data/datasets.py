@@ -63,24 +63,26 @@ class _WorkerAware(Dataset):
     albumentations draws from a generator inside the Compose; forked DataLoader workers would inherit the
     same state and apply the same "random" crops in step. Each worker instead takes the per-worker seed the
     DataLoader derives from torch's generator, so runs seeded with `L.seed_everything` are reproducible.
+    NOTE: OpenCV's thread count is deliberately left alone here: `cv2.setNumThreads` in a forked worker
+    deadlocks once the parent has used OpenCV's thread pool (seen with OpenCV 5.0 on Linux).
     """
 
     transform: Transform | None
-    _seeded_for: tuple[int, int] | None = None
+    _prepared_for: tuple[int, int] | None = None
 
-    def _reseed_transform(self) -> None:
-        if self.transform is None or not hasattr(self.transform, "set_random_seed"):
-            return
+    def _prepare_process(self) -> None:
         info = get_worker_info()
         seed = info.seed if info is not None else torch.initial_seed()
         key = (os.getpid(), seed)
-        if key != self._seeded_for:
+        if key == self._prepared_for:
+            return
+        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed % 2**32)
-            self._seeded_for = key
+        self._prepared_for = key
 
     def _apply(self, image: np.ndarray) -> torch.Tensor:
         if self.transform is not None:
-            self._reseed_transform()
+            self._prepare_process()
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image))
 
