@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xraycls.data.cache import cache_array_path, cache_is_complete, open_cache, prepare_cache
-from xraycls.data.datasets import CachedXrayDataset, PngXrayDataset
+from xraycls.data.datasets import CachedXrayDataset, EpochSeededSampler, PngXrayDataset
 from xraycls.data.labels import find_label_file, read_label_file
 from xraycls.data.splits import PARTS, SPLIT_NAMES, SplitAssignment, attach_official_split, build_split
 from xraycls.data.transforms import DeviceNormalize, build_eval_transform, build_train_transform
@@ -56,6 +56,9 @@ class NIHDataModule(L.LightningDataModule):
     size (devices x nodes). Gradient accumulation, if any, comes on top of it. `split` is one of
     `xraycls.data.splits.SPLIT_NAMES`; `val_fraction`/`test_fraction`/`split_seed` shape the random splits.
     `augment` takes the fields of `xraycls.data.transforms.TrainAugment` (e.g. `{"hflip_p": 0.5}`).
+    `seed` fixes the training order and augmentation per epoch (`EpochSeededSampler`), so a resumed run
+    repeats an uninterrupted one. `shuffle_train_labels` permutes the label rows of the train part
+    across its images: a control run whose AUROC must stay near 0.5 if nothing leaks.
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class NIHDataModule(L.LightningDataModule):
         mean: float = 0.5,
         std: float = 0.5,
         prepare_workers: int | None = None,
+        seed: int = 0,
+        shuffle_train_labels: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -152,8 +157,12 @@ class NIHDataModule(L.LightningDataModule):
         labels = table[list(LABELS)].to_numpy(dtype=np.float32)
         for part in PARTS:
             rows = np.asarray(assignment.indices(part), dtype=np.int64)
+            part_labels = labels[rows]
+            if part == "train" and hp.shuffle_train_labels:
+                part_labels = part_labels[np.random.default_rng(hp.seed).permutation(len(rows))]
+                log.warning("control run: training labels are shuffled across images (shuffle_train_labels)")
             transform = self.train_transform if part == "train" else self.eval_transform
-            self.datasets[part] = make(rows, labels[rows], transform)
+            self.datasets[part] = make(rows, part_labels, transform)
         self.table, self.assignment = table, assignment
         log.info(
             "data: source=%s split=%s, train/val/test = %d/%d/%d images",
@@ -203,10 +212,11 @@ class NIHDataModule(L.LightningDataModule):
         if not self.datasets or self.per_device_batch is None:
             raise RuntimeError("NIHDataModule.setup() must run before asking for a dataloader")
         workers = self.hparams.num_workers
+        dataset = self.datasets[part]
         return DataLoader(
-            self.datasets[part],
+            dataset,
             batch_size=self.per_device_batch,
-            shuffle=train,
+            sampler=EpochSeededSampler(len(dataset), self.hparams.seed) if train else None,
             # Every training step has the same batch shape: the IPU strategy compiles the step for one shape.
             drop_last=train,
             num_workers=workers,
