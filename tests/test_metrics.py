@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from sklearn.metrics import roc_auc_score
 
 from xraycls.findings import FINDINGS, LABELS, NUM_LABELS
@@ -105,3 +109,46 @@ def test_compute_before_update_is_all_nan() -> None:
 def test_wrong_shape_names_the_stage_and_shapes() -> None:
     with pytest.raises(ValueError, match=r"test metrics: logits \(4, 14\)"):
         XrayMetrics(stage="test").update(torch.zeros(4, 14), torch.zeros(4, 14))
+
+
+def _two_halves() -> tuple[np.ndarray, np.ndarray]:
+    """200 images: the first 100 well separated, the last 100 pure noise, so per-half AUROCs differ."""
+    logits, labels = _random_set(n=200, seed=21)
+    logits[100:] = np.random.default_rng(22).normal(size=logits[100:].shape).astype(np.float32)
+    return logits, labels
+
+
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        logits, labels = _two_halves()
+        mine = slice(rank * 100, (rank + 1) * 100)
+        result = _fed(logits[mine], labels[mine], batch=32).compute()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_compute_auroc_over_the_whole_set(tmp_path: Path) -> None:
+    # Two real gloo ranks. Spawned, not forked: a fork after torch's OpenMP pool has run can deadlock.
+    args = (2, str(tmp_path / "init"), str(tmp_path))
+    context = mp.start_processes(_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "DDP ranks did not finish within 120 s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+
+    logits, labels = _two_halves()
+    pooled = roc_auc_score(labels, logits, average=None).mean()
+    halves = (slice(0, 100), slice(100, 200))
+    per_rank_mean = np.mean([roc_auc_score(labels[h], logits[h], average=None).mean() for h in halves])
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["auroc_macro15"] == pytest.approx(pooled, abs=1e-6)
+        assert result["auroc_macro15"] != pytest.approx(per_rank_mean, abs=1e-3)
