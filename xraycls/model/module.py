@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -101,6 +102,8 @@ class XrayClassifier(L.LightningModule):
         self.val_metrics = XrayMetrics(LABELS, "val")
         self.test_metrics = XrayMetrics(LABELS, "test")
         self.last_metrics: dict[str, dict[str, Any]] = {}
+        # Host copies of the last test pass (probabilities, labels) for ROC plots and thresholds.
+        self._test_outputs: list[tuple[Tensor, Tensor]] = []
         self._batch_lr: float | None = None
         if compile:
             self.backbone.compile()
@@ -162,6 +165,18 @@ class XrayClassifier(L.LightningModule):
         self, outputs: dict[str, Tensor], batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self.test_metrics.update(outputs["logits"], outputs["labels"], outputs["loss"])
+        probs = torch.sigmoid(outputs["logits"].detach().float())
+        self._test_outputs.append((probs.cpu(), outputs["labels"].detach().cpu()))
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = []
+
+    def test_outputs(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """This process's last test pass: probabilities and labels, float32 [N, 15] each (None if none)."""
+        if not self._test_outputs:
+            return None
+        probs, labels = zip(*self._test_outputs, strict=True)
+        return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
