@@ -3,6 +3,7 @@ and through the figures behind them (legend texts, tile titles, plotted values).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,16 @@ from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS
 from xraycls.model.module import XrayClassifier
 from xraycls.report import plots
 from xraycls.report.plots import plot_roc_curves, plot_sample_grid, plot_training_curves
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while this module runs: on a small, shared CPU, OpenMP threads spinning against
+    other processes made a tiny fit 25x slower (27 s instead of 1 s on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def assert_real_png(path: Path, min_bytes: int = 8_000) -> np.ndarray:
