@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 XRAYCLS := $(VENV)/bin/xraycls
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= data/demo
+DATA_DIR ?= data
+DEMO_DIR := $(DATA_DIR)/demo
 
 .PHONY: demo test lint install clean-demo benchmarks
 
@@ -18,11 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Synthetic NIH-format data -> uint8 cache -> one DataModule pass and the data summary.
+# Synthetic NIH-format data -> uint8 cache -> data summary -> train, test, export and plot the tiny ViT.
 demo: $(STAMP)
 	$(XRAYCLS) synth --out $(DEMO_DIR)/raw --n 600 --size 128 --seed 0 --min-prevalence 0.08
 	$(XRAYCLS) prepare --root $(DEMO_DIR)/raw --cache $(DEMO_DIR)/cache --size 64
-	$(XRAYCLS) inspect --cache $(DEMO_DIR)/cache --size 64 --input-size 56 --split official --batch-size 32
+	$(XRAYCLS) inspect --cache $(DEMO_DIR)/cache --size 64 --input-size 64 --split official --batch-size 32
+	$(PY) train.py experiment=demo paths.data_dir=$(DATA_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

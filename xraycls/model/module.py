@@ -58,7 +58,8 @@ def pos_weight_from_prevalence(prevalence: Tensor, max_weight: float = 100.0) ->
 class XrayClassifier(L.LightningModule):
     """ViT-B/16 (by default) fine-tuned for the 15 NIH labels.
 
-    `backbone`, `weights`, `img_size`, `patch_size` and `drop_path_rate` go to `create_backbone`;
+    `backbone`, `weights`, `img_size`, `patch_size`, `drop_path_rate` and `global_pool` (timm's "token"
+    or "avg"; None keeps the architecture's) go to `create_backbone`;
     `lr`, `weight_decay`, `layer_decay` and `betas` to AdamW over `param_groups`; `warmup_ratio` and
     `min_lr_ratio` shape the per-step `warmup_cosine` schedule over the whole run. `pos_weight` (one
     number per label, see `pos_weight_from_prevalence`) weighs positives in the BCE loss. `compile`
@@ -81,6 +82,7 @@ class XrayClassifier(L.LightningModule):
         compile: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
         patch_size: int | None = None,
+        global_pool: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +95,7 @@ class XrayClassifier(L.LightningModule):
             num_classes=num_classes,
             img_size=img_size,
             patch_size=patch_size,
+            **({} if global_pool is None else {"global_pool": global_pool}),
             drop_path_rate=drop_path_rate,
         )
         # Not persistent: it is a hyperparameter, rebuilt from hparams, not a learned weight.

@@ -1,0 +1,230 @@
+"""train.py and the Hydra configs: composition of every experiment, the demo's learning and its shuffled-label
+control, the run directory contract, resume after a real kill, W&B offline, multirun, and the export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import PROJECT_ROOT
+from xraycls.data.cache import open_cache
+from xraycls.data.synthetic import make_synthetic_nih
+from xraycls.findings import FINDINGS, LABELS
+from xraycls.inference.bundle import load_bundle
+from xraycls.training import run_training
+
+CONF_DIR = PROJECT_ROOT / "conf"
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+# The data `make demo` makes: enough positives per finding in every split for a stable AUROC.
+DEMO_IMAGES, DEMO_SIZE = 600, 128
+
+
+def compose_cfg(overrides: list[str], output_dir: Path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """paths.data_dir holding demo/raw: the synthetic set `make demo` makes, smaller."""
+    data = tmp_path_factory.mktemp("data")
+    make_synthetic_nih(data / "demo" / "raw", DEMO_IMAGES, size=DEMO_SIZE, seed=0, min_prevalence=0.08)
+    return data
+
+
+def demo_overrides(data_dir: Path, *extra: str) -> list[str]:
+    return ["experiment=demo", f"paths.data_dir={data_dir}", f"paths.runs_dir={data_dir}/runs", *extra]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"experiment={experiment}", "model.weights=none"], tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    datamodule = instantiate(cfg.data)  # validates every data setting, touches no file
+    assert datamodule.hparams.split == resolved["data"]["split"]
+    assert resolved["model"]["lr"] == resolved["optim"]["lr"]
+    assert resolved["model"]["img_size"] == resolved["data"]["input_size"]
+
+
+def test_seed_reproduction_is_the_guides_recipe(tmp_path: Path) -> None:
+    cfg = OmegaConf.to_container(compose_cfg(["experiment=seed_reproduction"], tmp_path), resolve=True)
+    assert cfg["seed"] == 1337 and cfg["data"]["split"] == "seed_random" and cfg["data"]["split_seed"] == 1337
+    assert cfg["optim"]["lr"] == 2e-4 and cfg["optim"]["warmup_ratio"] == 0.25
+    assert cfg["trainer"]["max_epochs"] == 3
+    global_batch = cfg["data"]["batch_size"] * cfg["trainer"]["accumulate_grad_batches"]
+    assert global_batch == 128
+    assert cfg["model"]["backbone"] == "vit_base_patch16_224.orig_in21k"
+
+
+def test_a_wrong_setting_stops_before_any_work(data_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_cfg(demo_overrides(data_dir, "data.split=by_vibes"), tmp_path / "run")
+    with pytest.raises(ValueError, match="by_vibes"):
+        run_training(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
+    run_dir = tmp_path_factory.mktemp("demo_run")
+    start = time.perf_counter()
+    summary = run_training(compose_cfg(demo_overrides(data_dir), run_dir))
+    return run_dir, summary, time.perf_counter() - start
+
+
+def test_demo_learns_the_planted_signal(demo_run: tuple[Path, dict, float]) -> None:
+    _run_dir, summary, seconds = demo_run
+    test = summary["metrics"]["test"]
+    assert test["auroc_macro14"] >= 0.85, test
+    assert test["split"] == "official"
+    assert seconds < 180, f"the demo must finish in 3 minutes on 2 cores, took {seconds:.0f} s"
+
+
+def test_run_directory_holds_the_contract(demo_run: tuple[Path, dict, float]) -> None:
+    run_dir, _summary, _seconds = demo_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for stage in ("val", "test"):
+        block = summary["metrics"][stage]
+        for key in ("loss", "auroc_macro14", "auroc_seed_compat", "auroc_per_finding"):
+            assert key in block, (stage, key)
+        assert set(FINDINGS) <= set(block["auroc_per_finding"])
+    for key in ("setup", "train", "validate", "test", "epochs"):
+        assert key in summary["timing"], key
+    assert len(summary["timing"]["epochs"]) == 40
+    assert summary["throughput"]["train_images_per_s"] > 0
+    hardware = summary["hardware"]
+    assert (
+        hardware["global_batch"] == hardware["micro_batch"] * hardware["replicas"] * hardware["accumulation"]
+    )
+    assert summary["data"]["split"] == "official" and summary["data"]["leaked_patients"] == 0
+    for key in ("python", "torch", "lightning", "timm", "xraycls"):
+        assert key in summary["versions"], key
+    assert (run_dir / "metrics.csv").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert Path(summary["best_checkpoint"]).is_file()
+    for name in ("train_loss_lr.png", "val_auroc.png", "roc_test.png", "train_samples.png"):
+        assert (run_dir / "plots" / name).stat().st_size > 5_000, name
+
+
+def test_exported_model_reproduces_the_checkpoints_probabilities(
+    demo_run: tuple[Path, dict, float], data_dir: Path
+) -> None:
+    from xraycls.model.module import XrayClassifier
+
+    run_dir, summary, _seconds = demo_run
+    bundle = load_bundle(run_dir / "model")
+    assert bundle.labels == list(LABELS)
+    images, _index = open_cache(data_dir / "demo" / "cache", bundle.preprocessing["image_size"])
+    batch = [np.array(images[i]) for i in range(6)]
+    module = XrayClassifier.load_from_checkpoint(summary["best_checkpoint"], weights="none").eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(module(bundle.preprocess(batch))).numpy()
+    np.testing.assert_array_equal(bundle.predict_proba(batch), expected)
+    assert bundle.config["metrics"]["test"]["split"] == "official"
+
+
+def test_shuffled_training_labels_learn_nothing(data_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_cfg(demo_overrides(data_dir, "shuffle_train_labels=true", "plots=false"), tmp_path)
+    summary = run_training(cfg)
+    assert summary["shuffled_train_labels"] is True
+    assert abs(summary["metrics"]["test"]["auroc_macro14"] - 0.5) < 0.1, summary["metrics"]["test"]
+
+
+def _train_command(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    overrides = demo_overrides(
+        data_dir,
+        "trainer.max_epochs=3",
+        "plots=false",
+        "export_model=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    )
+    return [sys.executable, str(PROJECT_ROOT / "train.py"), *overrides]
+
+
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_metrics(data_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL after epoch 1's checkpoint, rerun in the same directory: same metrics as an uninterrupted run.
+
+    Tolerance: 1e-6 absolute on every AUROC and loss. The CPU kernels are deterministic and the data
+    order and augmentation depend only on (seed, epoch), so the two runs do the same arithmetic.
+    """
+    straight = tmp_path / "straight"
+    assert _run(_train_command(data_dir, straight)).returncode == 0
+    killed = tmp_path / "killed"
+    kill = ["+callbacks.kill._target_=tests.helpers.KillAtEpochStart", "+callbacks.kill.epoch=2"]
+    first = _run(_train_command(data_dir, killed, *kill))
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert (killed / "checkpoints" / "last.ckpt").is_file() and not (killed / "summary.json").exists()
+    second = _run(_train_command(data_dir, killed))
+    assert second.returncode == 0, second.stderr[-2000:]
+    resumed = json.loads((killed / "summary.json").read_text())
+    reference = json.loads((straight / "summary.json").read_text())
+    assert resumed["resumed_from"].endswith("last.ckpt")
+    for stage in ("val", "test"):
+        for key in ("loss", "auroc_macro14", "auroc_seed_compat"):
+            assert resumed["metrics"][stage][key] == pytest.approx(reference["metrics"][stage][key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_multirun_leaves_one_run_directory_per_job(data_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(PROJECT_ROOT / "train.py"),
+        "-m",
+        *demo_overrides(data_dir, "trainer.max_epochs=1", "plots=false", "export_model=false"),
+        "optim.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lrs = []
+    for job in ("0", "1"):
+        assert (sweep / job / "summary.json").is_file(), job
+        lrs.append(OmegaConf.load(sweep / job / "config.yaml").optim.lr)
+    assert lrs == [1e-3, 2e-3]
+
+
+def test_wandb_offline_logs_metrics_and_plots_without_printing_the_key(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    secret = "xraycls-test-secret-0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(demo_overrides(data_dir, "logger=wandb", "trainer.max_epochs=2"), tmp_path)
+    run_training(cfg)
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = runs[0] / "files"
+    wandb_summary = json.loads((files / "wandb-summary.json").read_text())
+    assert "test/auroc_macro14" in wandb_summary
+    assert "val/auroc_per_finding" in wandb_summary  # the per-finding table
+    assert any(key.startswith("plots/") for key in wandb_summary)
+    config = (files / "config.yaml").read_text()
+    assert "optim" in config and "lr" in config
+    out, err = capfd.readouterr()
+    assert secret not in out + err
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.stat().st_size < 20_000_000:
+            assert secret.encode() not in path.read_bytes(), path
