@@ -1,4 +1,4 @@
-"""Test-only Lightning callbacks, importable by the train.py subprocesses that tests start (PYTHONPATH=root)."""
+"""Test-only Lightning callbacks, importable by the train.py subprocesses the tests start (PYTHONPATH)."""
 
 from __future__ import annotations
 

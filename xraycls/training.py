@@ -18,7 +18,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,6 +76,17 @@ def find_resume_checkpoint(
     return path
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate` with plain containers, re-raising a constructor's own ValueError or
+    FileNotFoundError, so a wrong setting reads as one line naming it, not a wrapped Hydra error."""
+    try:
+        return hydra_instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError | FileNotFoundError):
+            raise error.__cause__ from None
+        raise
+
+
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -101,7 +113,7 @@ def _build_model(cfg: DictConfig, datamodule: Any) -> XrayClassifier:
     overrides: dict[str, Any] = {}
     if cfg.get("pos_weight_from_data"):
         overrides["pos_weight"] = pos_weight_from_prevalence(datamodule.train_label_prevalence())
-    return instantiate(cfg.model, _convert_="all", **overrides)
+    return instantiate(cfg.model, **overrides)
 
 
 def _write_plots(run_dir: Path, module: XrayClassifier, datamodule: Any) -> list[str]:
@@ -138,7 +150,7 @@ def run_training(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     # Every constructor validates its settings, so a wrong config stops here, before data or weights.
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(cfg.data)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"), trainer_cfg["accelerator"])
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -148,6 +160,8 @@ def run_training(cfg: DictConfig) -> dict:
         cfg.get("ckpt_path"), run_dir, Path(cfg.paths.runs_dir), str(cfg.task_name)
     )
 
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = _build_model(cfg, datamodule)
@@ -196,6 +210,9 @@ def run_training(cfg: DictConfig) -> dict:
         for logger in trainer.loggers:
             if hasattr(logger, "log_run_summary"):
                 logger.log_run_summary(summary)
+    for logger in trainer.loggers:
+        if hasattr(logger, "close"):
+            logger.close()
     return summary
 
 

@@ -56,6 +56,11 @@ class XrayWandbLogger(WandbLogger):
         if images:
             self.experiment.log(images)
 
+    def close(self) -> None:
+        """Finish the W&B run, so a sweep's next job starts its own run and offline files are complete."""
+        if self._experiment is not None:
+            self._experiment.finish()
+
 
 def make_wandb_logger(
     project: str = "xraycls",
