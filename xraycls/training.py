@@ -27,6 +27,7 @@ from xraycls.findings import LABELS
 from xraycls.inference.bundle import export_bundle
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.report.plots import plot_roc_curves, plot_sample_grid, plot_training_curves
+from xraycls.report.preparation import preparation_timing
 from xraycls.report.summary import collect_versions, write_json
 from xraycls.report.timing import RunTimer
 
@@ -143,7 +144,7 @@ def _metrics_block(values: dict | None, split: str) -> dict | None:
 
 def run_training(cfg: DictConfig) -> dict:
     """Fit, validate and test the best checkpoint, export and plot; returns the summary written to disk."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -200,6 +201,12 @@ def run_training(cfg: DictConfig) -> dict:
     timer = next((cb for cb in trainer.callbacks if isinstance(cb, RunTimer)), None)
     if timer is not None:
         summary.update(timer.as_dict())
+    # Download, extraction and cache seconds come from their reports: paid once per dataset, not per run.
+    dhp = datamodule.hparams
+    preparation, summary["preparation"] = preparation_timing(
+        dhp.root, dhp.cache_dir, dhp.image_size, source=dhp.source, run_started_at=started_at
+    )
+    summary.setdefault("timing", {}).update(preparation)
     if trainer.is_global_zero:
         if cfg.get("export_model"):
             summary["model_dir"] = str(_export(run_dir, model, datamodule, summary))

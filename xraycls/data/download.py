@@ -5,7 +5,9 @@ Layout written (the one `xraycls prepare` reads):
     ROOT/Data_Entry_2017_v2020.csv, ROOT/train_val_list.txt, ROOT/test_list.txt
     ROOT/images/NNNNNNNN_NNN.png           (112,120 PNGs, 42 GB, when all 12 archives are fetched)
     ROOT/archives/images_NNN.tar.gz        (removed after extraction unless keep_archives)
-    ROOT/archives/images_NNN.tar.gz.done   (JSON marker: extracted, member count; a rerun skips the archive)
+    ROOT/archives/images_NNN.tar.gz.done   (JSON marker: extracted, member count, fetch and extraction
+                                           seconds; a rerun skips the archive)
+    ROOT/download_report.json              (wall seconds of every run, summed: what `xraycls cost` reads)
 
 Every step can be interrupted and rerun: partial downloads resume (`*.part`, HTTP Range), complete files
 and extracted archives are skipped without a request. Sources: `nih_files.tsv` in this package (NIH's
@@ -40,11 +42,13 @@ __all__ = [
     "ChecksumError",
     "ArchiveError",
     "NUM_ARCHIVES",
+    "DOWNLOAD_REPORT_NAME",
 ]
 
 log = logging.getLogger(__name__)
 
 NUM_ARCHIVES = 12
+DOWNLOAD_REPORT_NAME = "download_report.json"
 KINDS = ("archive", "labels", "split_list")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SPLIT_LINE = re.compile(rb"\d{8}_\d{3}\.png\s*")
@@ -231,7 +235,51 @@ def download_nih(
     )
     report = DownloadReport(present, failed, images, time.perf_counter() - start, root)
     log.debug("%s", report.format())
+    _record_report(root, report)
     return report
+
+
+def _record_report(root: Path, report: DownloadReport) -> None:
+    """Append this run to ROOT/download_report.json; `seconds` sums the wall time of every run (a resumed
+    download took all of its runs), `extract_seconds`/`fetch_seconds` sum the archive markers' own times
+    (thread-seconds inside that wall time, overlapping when workers > 1). An interrupted run is not
+    recorded."""
+    path = root / DOWNLOAD_REPORT_NAME
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        runs = []
+    runs = [run for run in runs if _numbers(run, "seconds")] if isinstance(runs, list) else []
+    runs.append(
+        {"seconds": round(report.seconds, 3), "present": len(report.present), "failed": len(report.failed)}
+    )
+    markers = [_read_marker(marker) for marker in sorted((root / "archives").glob("*.done"))]
+    timed = [marker for marker in markers if _numbers(marker, "fetch_seconds", "extract_seconds")]
+    content = {
+        "seconds": round(sum(run["seconds"] for run in runs), 3),
+        "fetch_seconds": round(sum(float(marker["fetch_seconds"]) for marker in timed), 3),
+        "extract_seconds": round(sum(float(marker["extract_seconds"]) for marker in timed), 3),
+        "archives_extracted": len(markers),
+        "archives_timed": len(timed),  # markers written before timings were recorded carry none
+        "images": report.images,
+        "complete": report.ok(),
+        "runs": runs,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _numbers(entry: object, *keys: str) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(key), int | float) for key in keys)
+
+
+def _read_marker(marker: Path) -> dict:
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _get(remote: RemoteFile, root: Path, options: FetchOptions, keep_archives: bool) -> None:
@@ -243,13 +291,21 @@ def _get(remote: RemoteFile, root: Path, options: FetchOptions, keep_archives: b
     if _marker_members(marker) is not None:
         log.info("%s: already extracted (%s)", remote.name, marker)
         return
+    started = time.perf_counter()
     _ensure_file(remote, archive, options)
+    fetched = time.perf_counter()
     try:
         members = extract_images(archive, root, progress=options.progress, stop=options.stop)
     except ArchiveError as err:
         raise ArchiveError(f"{err}; the archive stays at {archive} (delete it to download it again)") from err
+    timing = {
+        "fetch_seconds": round(fetched - started, 3),
+        "extract_seconds": round(time.perf_counter() - fetched, 3),
+    }
     tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps({"archive": remote.name, "md5": remote.md5, "members": members}) + "\n")
+    tmp.write_text(
+        json.dumps({"archive": remote.name, "md5": remote.md5, "members": members, **timing}) + "\n"
+    )
     os.replace(tmp, marker)
     log.info("%s: extracted %d PNGs", remote.name, members)
     if not keep_archives:
