@@ -28,7 +28,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageDecodeError", "decode_xray", "load_xray"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "ImageDecodeError",
+    "decode_xray",
+    "load_xray",
+    "resize_xray",
+    "scale_to_uint8",
+]
 
 # The largest NIH original is 3827 x 4715 pixels; 12000 x 12000 leaves room for any real radiograph
 # while refusing headers that would make the decoder allocate gigabytes.
@@ -88,7 +95,11 @@ def _to_gray(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image[:, :, :4], cv2.COLOR_BGRA2GRAY)
 
 
-def _to_uint8(gray: np.ndarray, name: str) -> np.ndarray:
+def scale_to_uint8(gray: np.ndarray, name: str) -> np.ndarray:
+    """The rule's depth step, [H, W] gray -> uint8: uint8 as is, any other type by its own min..max.
+
+    Shared with the DICOM reader (`xraycls.inference.readers`): one rule for both. `name` labels errors.
+    """
     if gray.dtype == np.uint8:
         return gray
     values = gray.astype(np.float64)
@@ -119,7 +130,7 @@ def decode_xray(data: bytes, *, name: str) -> np.ndarray:
     if image is None:
         kind = "PNG" if is_png else "image"
         raise ImageDecodeError(name, f"corrupt {kind} data (the decoder rejected it)")
-    return _to_uint8(_to_gray(image), name)
+    return scale_to_uint8(_to_gray(image), name)
 
 
 def load_xray(path: Path, size: int) -> np.ndarray:
@@ -130,7 +141,13 @@ def load_xray(path: Path, size: int) -> np.ndarray:
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     path = Path(path)
-    image = decode_xray(path.read_bytes(), name=str(path))
+    return resize_xray(decode_xray(path.read_bytes(), name=str(path)), size)
+
+
+def resize_xray(image: np.ndarray, size: int) -> np.ndarray:
+    """The rule's resize step: [H, W] uint8 -> [size, size], INTER_AREA when shrinking, else bilinear."""
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
     height, width = image.shape
     if (height, width) == (size, size):
         return image
