@@ -1,4 +1,4 @@
-"""`xraycls` command line: download | synth | prepare | inspect.
+"""`xraycls` command line: download | synth | prepare | inspect | plan.
 
 Each subcommand is a thin shell over one library function; heavy imports (torch, Lightning) happen inside
 the handler so that `xraycls download --help` stays instant.
@@ -16,6 +16,8 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 Handler = Callable[[argparse.Namespace], int]
+# The project's Hydra configs (train.py's), beside the package in a source checkout.
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 _COMMANDS: dict[str, Handler] = {}
 
 
@@ -91,6 +93,34 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from xraycls.hardware.plan import plan_from_config
+
+    config_dir = Path(args.config_dir).resolve()
+    if not (config_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--config-dir {config_dir}: no config.yaml (the project's conf/ folder)")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose("config", overrides=list(args.overrides))
+    except HydraException as error:
+        # Hydra's message spans lines (options, search path): keep it to one line naming the options.
+        message = " ".join(str(error).split("Config search path")[0].split())
+        raise ValueError(f"overrides {list(args.overrides)}: {message}") from None
+    # Only what the plan reads: the run directory (hydra:runtime) does not exist outside `train.py`.
+    config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("hardware", "data", "model")}
+    config["trainer"] = {"accumulate_grad_batches": cfg.trainer.accumulate_grad_batches}
+    output = plan_from_config(config).to_dict()
+    if config["hardware"].get("ipu"):
+        output["ipu"] = config["hardware"]["ipu"]
+    print(json.dumps(output, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xraycls", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -127,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+
+    p = sub.add_parser("plan", help="the resolved hardware plan of a training config (JSON)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides as for train.py, e.g. hardware=vpod16")
+    p.add_argument(
+        "--config-dir", default=str(_CONFIG_DIR), help="Hydra config folder (default: the project's conf/)"
+    )
     return parser
 
 

@@ -1,0 +1,6 @@
+"""Where a run executes: the hardware plan (`plan`), the IPU path (`ipu`) and DDP evaluation sampling
+(`sampling`). `xraycls.hardware.plan` imports nothing heavy; `ipu` imports PopTorch only when asked."""
+
+from xraycls.hardware.plan import HardwarePlan, PlanError, plan_from_config, resolve_plan, trainer_arguments
+
+__all__ = ["HardwarePlan", "PlanError", "plan_from_config", "resolve_plan", "trainer_arguments"]

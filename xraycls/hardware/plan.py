@@ -1,0 +1,340 @@
+"""The hardware plan: one resolved answer to "where does this run, and how is the batch cut?".
+
+Every target (the CPU, one or more GPUs, DDP over nodes, IPU pods) resolves to the same `HardwarePlan`.
+Batch terms, per optimizer step:
+
+    global_batch = micro_batch x replicas x accumulation
+
+- `micro_batch`: images one replica pushes through the model per forward pass.
+- `replicas`: data-parallel copies of the model. GPU/CPU: devices x nodes (one process each).
+  IPU: the pod's IPUs / `ipus_per_replica` (each replica is a ViT pipelined over `ipus_per_replica` IPUs);
+  under Lightning's IPU strategy the Trainer's `devices` IS this replication factor, not the IPU count.
+- `accumulation`: micro-batches summed into one optimizer step. With `global_batch` set, it is derived
+  (global_batch / (micro_batch x replicas)), so a vPOD4 and a vPOD16 run take the same optimizer steps.
+- `samples_per_host_step`: images the host hands over per call into the device. IPU: PopTorch loads
+  micro x replicas x accumulation x device_iterations per call; elsewhere one step of every replica.
+- `loader_batch`: what `NIHDataModule(batch_size=...)` gets. The DataModule divides it by the Trainer's
+  world size; the IPU strategy runs as one process (world size 1) and PopTorch's loader multiplies the
+  micro-batch by replicas, accumulation and device iterations itself, so there it is the micro-batch.
+
+Plain keyword arguments in, a frozen dataclass out; no Hydra here. A wrong combination raises
+`PlanError` (a ValueError) naming the setting and the bad value, before any data or weights are touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "HardwarePlan",
+    "PlanError",
+    "IPU_PRECISIONS",
+    "PLAN_KEYS",
+    "plan_from_config",
+    "resolve_plan",
+    "resolve_precision",
+    "trainer_arguments",
+]
+
+log = logging.getLogger(__name__)
+
+ACCELERATORS = ("auto", "cpu", "gpu", "ipu")
+# Trainer precision strings (Lightning 2.x); short aliases are normalised to these.
+PRECISIONS = ("64-true", "32-true", "16-mixed", "16-true", "bf16-mixed", "bf16-true")
+_PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+# What Lightning's IPUPrecision(Plugin) accepts; the IPU has no bf16 arithmetic.
+IPU_PRECISIONS = ("32-true", "16-mixed", "16-true")
+
+
+class PlanError(ValueError):
+    """A hardware setting that cannot work; the message names the setting, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    """The resolved plan (see the module docstring for the batch terms). `to_dict()` is its JSON form."""
+
+    name: str  # the config's name: cpu, gpu, ddp, vpod16, ...
+    accelerator: str  # cpu | gpu | ipu (auto already resolved)
+    strategy: str  # auto | ddp | ipu
+    devices: int  # Trainer `devices`: per node (IPU: the replication factor)
+    nodes: int  # Trainer `num_nodes`
+    replicas: int  # data-parallel copies of the model
+    ipus_per_replica: int | None  # IPU only: IPUs one pipelined model spans
+    ipus: int | None  # IPU only: replicas x ipus_per_replica (the pod size)
+    layers_per_ipu: tuple[int, ...] | None  # IPU only: transformer blocks on each IPU of a replica
+    micro_batch: int  # images per replica per forward pass
+    accumulation: int  # micro-batches per optimizer step
+    device_iterations: int  # training steps per host call (IPU); 1 elsewhere
+    inference_device_iterations: int  # evaluation batches per host call (IPU); 1 elsewhere
+    global_batch: int  # images per optimizer step = micro_batch x replicas x accumulation
+    samples_per_host_step: int  # images per host call into the device, training
+    loader_batch: int  # the DataModule's batch_size (see module docstring)
+    precision: str  # Lightning precision string
+    source: str  # where devices/nodes came from: config | torchrun | slurm | cuda
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.layers_per_ipu is not None:
+            data["layers_per_ipu"] = list(self.layers_per_ipu)
+        return data
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"hardware.{name} must be a positive int, got {value!r}")
+    return value
+
+
+def resolve_precision(precision: str | int | None, accelerator: str) -> str:
+    """`auto`/None -> bf16-mixed on a GPU, 16-mixed on an IPU, 32-true on the CPU; aliases normalised.
+
+    Raises PlanError for an unknown string and for bf16 on the IPU.
+    """
+    if precision in (None, "auto"):
+        precision = {"gpu": "bf16-mixed", "ipu": "16-mixed"}.get(accelerator, "32-true")
+    value = _PRECISION_ALIASES.get(str(precision), str(precision))
+    if value not in PRECISIONS:
+        raise PlanError(f"hardware.precision={precision!r} is not one of {list(PRECISIONS)} or 'auto'")
+    if accelerator == "ipu" and value not in IPU_PRECISIONS:
+        raise PlanError(
+            f"hardware.precision={precision!r} is not supported on the IPU (Lightning's IPUPrecision takes "
+            f"{list(IPU_PRECISIONS)}; the IPU has no bf16): use 16-mixed"
+        )
+    return value
+
+
+def _first_count(value: str) -> int | None:
+    """SLURM writes task counts as '4', '4(x2)' or '4,2': the first number (this node's, usually)."""
+    match = re.match(r"\s*(\d+)", value)
+    return int(match.group(1)) if match else None
+
+
+def _devices_and_nodes(
+    devices: int | None, nodes: int | None, env: Mapping[str, str], cuda_devices: int
+) -> tuple[int, int, str]:
+    """devices/nodes from the config, else from torchrun's or SLURM's environment, else the visible GPUs."""
+    source = "config"
+    if devices is None:
+        if "LOCAL_WORLD_SIZE" in env:
+            devices, source = int(env["LOCAL_WORLD_SIZE"]), "torchrun"
+        elif "SLURM_NTASKS_PER_NODE" in env and _first_count(env["SLURM_NTASKS_PER_NODE"]):
+            devices, source = _first_count(env["SLURM_NTASKS_PER_NODE"]), "slurm"
+        else:
+            devices, source = max(cuda_devices, 1), "cuda"
+    if nodes is None:
+        if "WORLD_SIZE" in env and "LOCAL_WORLD_SIZE" in env:
+            world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+            if world % local:
+                raise PlanError(f"torchrun: WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}")
+            nodes, source = world // local, "torchrun"
+        elif "SLURM_NNODES" in env:
+            nodes, source = int(env["SLURM_NNODES"]), "slurm"
+        else:
+            nodes = 1
+    return _positive("devices", devices), _positive("nodes", nodes), source
+
+
+def _ipu_layout(
+    pod_ipus: Any, ipus_per_replica: Any, layers_per_ipu: Sequence[int] | None, model_depth: int | None
+) -> tuple[int, tuple[int, ...]]:
+    pod_ipus = _positive("pod_ipus", pod_ipus)
+    ipus_per_replica = _positive("ipus_per_replica", ipus_per_replica)
+    if pod_ipus % ipus_per_replica:
+        raise PlanError(
+            f"hardware.pod_ipus={pod_ipus} is not divisible by hardware.ipus_per_replica={ipus_per_replica}: "
+            "every replica needs the same number of IPUs"
+        )
+    if layers_per_ipu is None:
+        raise PlanError("hardware.layers_per_ipu is required on the IPU (transformer blocks per IPU)")
+    layers = tuple(int(n) for n in layers_per_ipu)
+    if len(layers) != ipus_per_replica or any(n < 0 for n in layers):
+        raise PlanError(
+            f"hardware.layers_per_ipu={list(layers)} must list {ipus_per_replica} non-negative counts "
+            f"(one per IPU of a replica, hardware.ipus_per_replica={ipus_per_replica})"
+        )
+    if model_depth is not None and sum(layers) != model_depth:
+        raise PlanError(
+            f"hardware.layers_per_ipu={list(layers)} places {sum(layers)} transformer blocks, but the model "
+            f"has {model_depth}; the counts must sum to the model depth"
+        )
+    return pod_ipus // ipus_per_replica, layers
+
+
+def resolve_plan(
+    name: str = "cpu",
+    *,
+    accelerator: str = "cpu",
+    devices: int | None = 1,
+    nodes: int | None = 1,
+    precision: str | int | None = "auto",
+    batch_size: int = 64,
+    micro_batch: int | None = None,
+    accumulation: int = 1,
+    global_batch: int | None = None,
+    device_iterations: int = 1,
+    inference_device_iterations: int | None = None,
+    pod_ipus: int | None = None,
+    ipus_per_replica: int | None = None,
+    layers_per_ipu: Sequence[int] | None = None,
+    model_depth: int | None = None,
+    env: Mapping[str, str] | None = None,
+    cuda_devices: int | None = None,
+) -> HardwarePlan:
+    """Resolve one target into a `HardwarePlan`; raises PlanError (a ValueError) for any bad combination.
+
+    `batch_size` is the data config's batch per step over all replicas; it gives `micro_batch` when that is
+    None. `accumulation` is used unless `global_batch` is set, which derives it. `devices`/`nodes` None (DDP)
+    come from torchrun (LOCAL_WORLD_SIZE, WORLD_SIZE) or SLURM (SLURM_NTASKS_PER_NODE, SLURM_NNODES) in
+    `env` (default os.environ), else the `cuda_devices` visible. IPU (`accelerator="ipu"`) needs `pod_ipus`,
+    `ipus_per_replica` and `layers_per_ipu` summing to `model_depth` (when given).
+    """
+    if accelerator not in ACCELERATORS:
+        raise PlanError(f"hardware.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}")
+    if cuda_devices is None or accelerator == "auto":
+        import torch  # only here: the plan stays importable without touching CUDA
+
+        cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if accelerator == "auto":
+        accelerator = "gpu" if cuda_devices > 0 else "cpu"
+    if env is None:
+        import os
+
+        env = os.environ
+    batch_size = _positive("batch_size (data.batch_size)", batch_size)
+    device_iterations = _positive("device_iterations", device_iterations)
+    inference_iterations = _positive(
+        "inference_device_iterations",
+        device_iterations if inference_device_iterations is None else inference_device_iterations,
+    )
+    resolved_precision = resolve_precision(precision, accelerator)
+
+    ipus: int | None = None
+    layers: tuple[int, ...] | None = None
+    if accelerator == "ipu":
+        if nodes not in (None, 1):
+            raise PlanError(f"hardware.nodes={nodes!r}: Lightning's IPU strategy runs on one host; use 1")
+        replicas, layers = _ipu_layout(pod_ipus, ipus_per_replica, layers_per_ipu, model_depth)
+        devices_, nodes_, source, strategy = replicas, 1, "config", "ipu"
+        ipus = replicas * int(ipus_per_replica)
+    else:
+        if device_iterations != 1 or inference_iterations != 1:
+            raise PlanError(
+                f"hardware.device_iterations={device_iterations} / inference_device_iterations="
+                f"{inference_iterations}: only the IPU runs several steps per host call; use 1"
+            )
+        devices_, nodes_, source = _devices_and_nodes(devices, nodes, env, cuda_devices)
+        replicas = devices_ * nodes_
+        strategy = "ddp" if replicas > 1 else "auto"
+
+    if micro_batch is None:
+        if batch_size % replicas:
+            raise PlanError(
+                f"data.batch_size={batch_size} (the batch per step over all replicas) is not divisible by "
+                f"the {replicas} replicas; choose a multiple of {replicas} or set hardware.micro_batch"
+            )
+        micro_batch = batch_size // replicas
+    micro_batch = _positive("micro_batch", micro_batch)
+    per_step = micro_batch * replicas
+    if global_batch is not None:
+        global_batch = _positive("global_batch", global_batch)
+        if global_batch % per_step:
+            raise PlanError(
+                f"hardware.global_batch={global_batch} cannot be reached: micro_batch {micro_batch} x "
+                f"replicas {replicas} = {per_step} images per step does not divide it; choose a multiple "
+                f"of {per_step} or another micro_batch"
+            )
+        derived = global_batch // per_step
+        if derived != accumulation:
+            log.info("accumulation %d from global_batch %d (not %d)", derived, global_batch, accumulation)
+        accumulation = derived
+    accumulation = _positive("accumulation", accumulation)
+
+    on_ipu = accelerator == "ipu"
+    return HardwarePlan(
+        name=str(name),
+        accelerator=accelerator,
+        strategy=strategy,
+        devices=devices_,
+        nodes=nodes_,
+        replicas=replicas,
+        ipus_per_replica=int(ipus_per_replica) if on_ipu else None,
+        ipus=ipus,
+        layers_per_ipu=layers,
+        micro_batch=micro_batch,
+        accumulation=accumulation,
+        device_iterations=device_iterations,
+        inference_device_iterations=inference_iterations,
+        global_batch=per_step * accumulation,
+        samples_per_host_step=per_step * (accumulation * device_iterations if on_ipu else 1),
+        loader_batch=micro_batch if on_ipu else per_step,
+        precision=resolved_precision,
+        source=source,
+    )
+
+
+def trainer_arguments(plan: HardwarePlan) -> dict[str, Any]:
+    """Trainer keyword arguments for a CPU/GPU plan (accelerator, strategy, devices, num_nodes, precision,
+    accumulate_grad_batches). IPU plans need PopTorch objects: see `ipu.ipu_trainer_arguments`."""
+    if plan.accelerator == "ipu":
+        raise PlanError("IPU Trainer arguments come from xraycls.hardware.ipu.ipu_trainer_arguments")
+    return {
+        "accelerator": plan.accelerator,
+        "strategy": plan.strategy,
+        "devices": plan.devices,
+        "num_nodes": plan.nodes,
+        "precision": plan.precision,
+        "accumulate_grad_batches": plan.accumulation,
+    }
+
+
+# Keys of a `hardware` config node that resolve_plan takes (plus `ipu`, the IPU-only settings).
+PLAN_KEYS = (
+    "name",
+    "accelerator",
+    "devices",
+    "nodes",
+    "precision",
+    "micro_batch",
+    "accumulation",
+    "global_batch",
+    "device_iterations",
+    "inference_device_iterations",
+    "pod_ipus",
+    "ipus_per_replica",
+    "layers_per_ipu",
+)
+
+
+def plan_from_config(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> HardwarePlan:
+    """The plan of a whole resolved run config as plain containers (`hardware`, `data.batch_size`,
+    `trainer.accumulate_grad_batches`, and `model` for the depth an IPU layout must sum to).
+
+    `hardware.accumulation` null means the trainer's `accumulate_grad_batches`. Unknown `hardware` keys
+    raise PlanError (a typo must not silently fall back to a default).
+    """
+    hardware = dict(config.get("hardware") or {})
+    hardware.pop("ipu", None)
+    unknown = sorted(set(hardware) - set(PLAN_KEYS))
+    if unknown:
+        raise PlanError(f"unknown hardware settings {unknown}; known: {list(PLAN_KEYS)} and ipu")
+    if hardware.get("accumulation") is None:
+        hardware["accumulation"] = int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1)
+    model_depth = None
+    if hardware.get("accelerator") == "ipu" and hardware.get("layers_per_ipu") is not None:
+        from xraycls.hardware.ipu import backbone_depth  # timm only where an IPU layout needs the depth
+
+        model = config.get("model") or {}
+        kwargs = {key: model[key] for key in ("img_size", "patch_size") if model.get(key) is not None}
+        model_depth = backbone_depth(model.get("backbone", "vit_base_patch16_224"), **kwargs)
+    batch_size = (config.get("data") or {}).get("batch_size", 64)
+    return resolve_plan(
+        **{key: value for key, value in hardware.items() if value is not None or key in ("devices", "nodes")},
+        batch_size=batch_size,
+        model_depth=model_depth,
+        env=env,
+    )
