@@ -1,4 +1,4 @@
-"""`xraycls` command line: download | synth | prepare | inspect | plan.
+"""`xraycls` command line: download | synth | prepare | inspect | plan | cost.
 
 Each subcommand is a thin shell over one library function; heavy imports (torch, Lightning) happen inside
 the handler so that `xraycls download --help` stays instant.
@@ -93,6 +93,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("cost")
+def _cost(args: argparse.Namespace) -> int:
+    from xraycls.report.cost import group_runs, load_run
+    from xraycls.report.cost_report import write_cost_report
+    from xraycls.report.flavor import load_flavors
+
+    default_dir = Path(__file__).resolve().parents[1] / "conf" / "flavor"
+    flavor_dir = Path(args.flavors) if args.flavors else default_dir
+    # An explicit --flavors must exist; without the project's conf/ (an installed package), time only.
+    flavors = load_flavors(flavor_dir) if args.flavors or flavor_dir.is_dir() else {}
+    assign: dict[str, str] = {}
+    for item in args.flavor:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--flavor {item!r}: expected NAME=RUN_GLOB, e.g. cpu_vm='runs/demo/*'")
+        if name in assign:
+            raise ValueError(f"--flavor {name} is given twice ({assign[name]!r} and {pattern!r})")
+        assign[name] = pattern
+    groups = group_runs([load_run(run_dir) for run_dir in args.runs], flavors, assign)
+    written = write_cost_report(groups, Path(args.out), scale=args.scale)
+    print(written["markdown"].read_text())
+    print("wrote: " + ", ".join(str(path) for path in written.values()))
+    return 0
+
+
 @_command("plan")
 def _plan(args: argparse.Namespace) -> int:
     from hydra import compose, initialize_config_dir
@@ -157,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+
+    p = sub.add_parser("cost", help="time and money per flavor from run directories, and at k x the data")
+    p.add_argument("--runs", nargs="+", required=True, help="run directories (each with summary.json)")
+    p.add_argument(
+        "--flavor",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_GLOB",
+        help="price the runs whose path matches RUN_GLOB with flavor NAME (repeatable); "
+        "other runs are grouped by their recorded hardware plan",
+    )
+    p.add_argument("--flavors", default=None, help="flavor folder (default: the project's conf/flavor)")
+    p.add_argument("--scale", type=float, default=500.0, help="extrapolate to this many times the data")
+    p.add_argument("--out", default="cost_report", help="folder for the markdown, CSVs and charts")
 
     p = sub.add_parser("plan", help="the resolved hardware plan of a training config (JSON)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides as for train.py, e.g. hardware=vpod16")
