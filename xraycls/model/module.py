@@ -105,8 +105,8 @@ class XrayClassifier(L.LightningModule):
         self.val_metrics = XrayMetrics(LABELS, "val")
         self.test_metrics = XrayMetrics(LABELS, "test")
         self.last_metrics: dict[str, dict[str, Any]] = {}
-        # Host copies of the last test pass (probabilities, labels) for ROC plots and thresholds.
-        self._test_outputs: list[tuple[Tensor, Tensor]] = []
+        # Host copies of the last validation and test passes (probabilities, labels): ROC plots, thresholds.
+        self._eval_outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"val": [], "test": []}
         self._batch_lr: float | None = None
         if compile:
             self.backbone.compile()
@@ -163,23 +163,40 @@ class XrayClassifier(L.LightningModule):
         self, outputs: dict[str, Tensor], batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self.val_metrics.update(outputs["logits"], outputs["labels"], outputs["loss"])
+        self._keep_outputs("val", outputs)
 
     def on_test_batch_end(
         self, outputs: dict[str, Tensor], batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self.test_metrics.update(outputs["logits"], outputs["labels"], outputs["loss"])
+        self._keep_outputs("test", outputs)
+
+    def _keep_outputs(self, stage: str, outputs: dict[str, Tensor]) -> None:
         probs = torch.sigmoid(outputs["logits"].detach().float())
-        self._test_outputs.append((probs.cpu(), outputs["labels"].detach().cpu()))
+        self._eval_outputs[stage].append((probs.cpu(), outputs["labels"].detach().float().cpu()))
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs["val"] = []
 
     def on_test_epoch_start(self) -> None:
-        self._test_outputs = []
+        self._eval_outputs["test"] = []
+
+    def eval_outputs(self, stage: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """This process's last `stage` ("val" or "test") pass: probabilities and labels, float32 [N, 15]
+        each (None if none; a sanity-check pass is not kept)."""
+        if stage not in self._eval_outputs:
+            raise ValueError(
+                f"eval_outputs: stage must be one of {sorted(self._eval_outputs)}, got {stage!r}"
+            )
+        kept = self._eval_outputs[stage]
+        if not kept:
+            return None
+        probs, labels = zip(*kept, strict=True)
+        return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
     def test_outputs(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """This process's last test pass: probabilities and labels, float32 [N, 15] each (None if none)."""
-        if not self._test_outputs:
-            return None
-        probs, labels = zip(*self._test_outputs, strict=True)
-        return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        """`eval_outputs("test")`."""
+        return self.eval_outputs("test")
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -187,6 +204,7 @@ class XrayClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # a couple of batches: no meaningful AUROC, keep nothing
             self.val_metrics.reset()
+            self._eval_outputs["val"] = []
             return
         self._log_epoch("val")
 
