@@ -1,4 +1,4 @@
-"""`xraycls` command line: download | synth | prepare | inspect | plan | cost.
+"""`xraycls` command line: download | synth | prepare | inspect | plan | cost | predict.
 
 Each subcommand is a thin shell over one library function; heavy imports (torch, Lightning) happen inside
 the handler so that `xraycls download --help` stays instant.
@@ -146,6 +146,41 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("predict")
+def _predict(args: argparse.Namespace) -> int:
+    from xraycls.inference.outputs import DISCLAIMER, format_csv
+    from xraycls.inference.predict import run_predict
+
+    predictions = run_predict(
+        Path(args.model),
+        [Path(path) for path in args.paths],
+        out=Path(args.out) if args.out else None,
+        grid=Path(args.grid) if args.grid else None,
+        grid_size=args.grid_size,
+        labels_file=Path(args.labels) if args.labels else None,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    # Without --out the CSV goes to stdout, so everything else goes to stderr.
+    report = sys.stdout if args.out else sys.stderr
+    if not args.out:
+        sys.stdout.write(format_csv(predictions))
+    for failure in predictions.failures:
+        print(f"xraycls predict: failed: {failure}", file=sys.stderr)
+    written = [args.out] if args.out else []
+    if args.grid and predictions.paths:  # no grid when nothing was predicted
+        written.append(args.grid)
+    print(
+        f"predicted {len(predictions.paths)} image(s) on {predictions.device}, "
+        f"{len(predictions.failures)} failed" + (f"; wrote {', '.join(written)}" if written else ""),
+        file=report,
+    )
+    print(DISCLAIMER, file=report)
+    return 1 if predictions.failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xraycls", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -202,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config-dir", default=str(_CONFIG_DIR), help="Hydra config folder (default: the project's conf/)"
     )
+
+    p = sub.add_parser(
+        "predict",
+        help="probabilities and flagged findings for X-ray files (PNG, JPEG, DICOM); "
+        "an aid to be checked by a radiologist, not a diagnosis",
+    )
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--model", required=True, help="the model/ folder of a training run")
+    p.add_argument("--out", default=None, help="predictions file, .csv or .json (default: CSV on stdout)")
+    p.add_argument("--grid", default=None, help="write an n x n PNG of the first images with their flags")
+    p.add_argument("--grid-size", type=int, default=3, help="n of the grid (n x n images)")
+    p.add_argument(
+        "--labels", default=None, help="an NIH label file: the grid shows each image's real labels"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="threads reading image files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 

@@ -1,0 +1,318 @@
+"""Files -> probabilities: read each image as training did, run the exported model in batches, flag findings.
+
+The model is the ``model/`` bundle (`xraycls.inference.bundle`); images are read by
+`xraycls.inference.readers.read_image` at the bundle's ``preprocessing.image_size`` and go through
+`ModelBundle.predict_proba`, so the preprocessing is the training pipeline's own code. A finding is flagged
+when its probability is >= its operating threshold, stored by the training run in ``config.json`` under
+``extra.thresholds`` = {"method": ..., "per_finding": {name: {"threshold", "sensitivity", "specificity"}}};
+a finding without one uses 0.5, and every output says so. A file that cannot be read is recorded as a
+`Failure` (path and problem) and the others are still predicted.
+
+Every output is an aid to be checked by a radiologist, not a diagnosis (`DISCLAIMER`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from xraycls.data.images import ImageDecodeError
+from xraycls.findings import FINDINGS, LABELS
+from xraycls.inference.bundle import ModelBundle, load_bundle
+from xraycls.inference.outputs import DISCLAIMER, output_format, plot_prediction_grid, write_predictions
+from xraycls.inference.readers import collect_inputs, read_image
+from xraycls.inference.thresholds import flag_findings
+
+__all__ = [
+    "DISCLAIMER",
+    "DEFAULT_THRESHOLD",
+    "Thresholds",
+    "Failure",
+    "Predictions",
+    "load_thresholds",
+    "resolve_device",
+    "predict_files",
+    "run_predict",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5  # for a finding the model stores no operating threshold for
+
+# Called after each batch with the batch's paths, its uint8 [image_size, image_size] images and its
+# float32 [B, 15] probabilities (e.g. to write heatmaps while the images are in memory).
+BatchCallback = Callable[[list[Path], list[np.ndarray], np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """One operating threshold per finding (the 14 `FINDINGS`; "No Finding" is not a finding to flag).
+
+    The flagging rule is `xraycls.inference.thresholds.flag_findings`: probability >= threshold; a finding
+    whose threshold is None (no ROC curve on validation) is never flagged.
+    """
+
+    values: dict[str, float | None]  # finding -> threshold in [0, 1], or None
+    method: str  # how they were chosen, as stored (e.g. "youden"), or "none saved"
+    defaulted: tuple[str, ...]  # findings at DEFAULT_THRESHOLD because the model stores none for them
+
+    def describe(self) -> str:
+        """One line for output headers: where the thresholds come from."""
+        if len(self.defaulted) == len(FINDINGS):
+            return f"threshold {DEFAULT_THRESHOLD} for every finding (the model stores no thresholds)"
+        text = f"per-finding thresholds from the model ({self.method})"
+        if self.defaulted:
+            text += f"; {DEFAULT_THRESHOLD} for {', '.join(self.defaulted)} (none stored)"
+        never = [name for name, value in self.values.items() if value is None]
+        if never:
+            text += f"; never flagged: {', '.join(never)} (no threshold could be chosen)"
+        return text
+
+    def flag(self, probabilities: np.ndarray) -> list[list[str]]:
+        """float [N, 15] probabilities (LABELS order) -> per row, the flagged findings in FINDINGS order."""
+        probabilities = np.asarray(probabilities)
+        if probabilities.ndim != 2 or probabilities.shape[1] != len(LABELS):
+            shape = list(probabilities.shape)
+            raise ValueError(f"probabilities must be [N, {len(LABELS)}] (LABELS order), got {shape}")
+        columns = [LABELS.index(name) for name in FINDINGS]
+        return flag_findings(probabilities[:, columns], self.values, label_names=FINDINGS)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that was not predicted, and why (one line)."""
+
+    path: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+@dataclass
+class Predictions:
+    """What `predict_files` returns; rows follow the input order, failed files left out."""
+
+    paths: list[Path]  # one per predicted image
+    probabilities: np.ndarray  # float32 [N, 15], columns in `labels` order
+    flagged: list[list[str]]  # per image, the findings at or above their threshold, in FINDINGS order
+    thresholds: Thresholds
+    device: str
+    model_dir: Path | None = None
+    failures: list[Failure] = field(default_factory=list)
+    labels: list[str] = field(default_factory=lambda: list(LABELS))
+
+
+def _threshold_value(value: Any, where: str) -> float | None:
+    if isinstance(value, dict):
+        value = value.get("threshold")
+    if value is None:  # stored as None where validation had no positives or no negatives
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: threshold must be a number in [0, 1] or null, got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: threshold must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def load_thresholds(bundle: ModelBundle) -> Thresholds:
+    """The operating thresholds stored in the bundle's config (``extra.thresholds``), 0.5 where none is.
+
+    Raises ValueError, naming the entry, for a malformed entry or an unknown label name.
+    """
+    where = "model config.json extra.thresholds"
+    stored = (bundle.config.get("extra") or {}).get("thresholds")
+    if stored is None:
+        return Thresholds({name: DEFAULT_THRESHOLD for name in FINDINGS}, "none saved", tuple(FINDINGS))
+    per_finding = stored.get("per_finding") if isinstance(stored, dict) else None
+    if not isinstance(per_finding, dict):
+        raise ValueError(f"{where} must be a mapping with a 'per_finding' mapping, got {stored!r}")
+    unknown = sorted(set(per_finding) - set(LABELS))
+    if unknown:
+        raise ValueError(f"{where}: unknown label name(s) {unknown}; known: {list(LABELS)}")
+    values = {
+        name: _threshold_value(per_finding[name], f"{where}.per_finding.{name}")
+        if name in per_finding
+        else DEFAULT_THRESHOLD
+        for name in FINDINGS
+    }
+    defaulted = tuple(name for name in FINDINGS if name not in per_finding)
+    return Thresholds(values, str(stored.get("method", "unspecified method")), defaulted)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a CUDA GPU is usable, else 'cpu'; 'cpu', 'cuda' and 'cuda:N' are checked.
+
+    Raises ValueError for an unknown name, or for CUDA asked for where none is available.
+    """
+    name = device.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                f"torch.cuda.is_available() is False); use --device cpu or --device auto"
+            )
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ValueError(f"device {device!r}: {torch.cuda.device_count()} CUDA device(s) visible")
+        return name
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _read_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    """(image, None) or (None, problem): bad files become one line each instead of stopping the run."""
+    try:
+        return read_image(path, size), None
+    except ImageDecodeError as err:
+        return None, err.problem
+    except FileNotFoundError:
+        return None, "no such file or folder"
+    except IsADirectoryError:
+        return None, "is a folder with no images"
+    except OSError as err:
+        return None, f"cannot read the file ({err.strerror or err})"
+
+
+def predict_files(
+    bundle: ModelBundle,
+    files: Sequence[Path],
+    *,
+    thresholds: Thresholds | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    workers: int = 1,
+    progress: bool = True,
+    on_batch: BatchCallback | None = None,
+) -> Predictions:
+    """Predict every file in `files`, `batch_size` at a time on `device` (resolved, e.g. by `resolve_device`).
+
+    `workers` threads read each batch's files (OpenCV decodes without holding the GIL). Files that cannot
+    be read are listed in `failures` and have no row. A progress bar (stderr) counts files unless
+    `progress` is False. `thresholds` default to `load_thresholds(bundle)`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    thresholds = thresholds or load_thresholds(bundle)
+    size = int(bundle.preprocessing["image_size"])
+    paths: list[Path] = []
+    chunks: list[np.ndarray] = []
+    failures: list[Failure] = []
+    files = [Path(path) for path in files]
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        with tqdm(total=len(files), unit="image", desc="predict", disable=not progress) as bar:
+            for start in range(0, len(files), batch_size):
+                batch = files[start : start + batch_size]
+                sizes = [size] * len(batch)
+                reads = list((pool.map if pool else map)(_read_one, batch, sizes))
+                good_paths, images = [], []
+                for path, (image, problem) in zip(batch, reads, strict=True):
+                    if image is None:
+                        failures.append(Failure(path, str(problem)))
+                    else:
+                        good_paths.append(path)
+                        images.append(image)
+                if images:
+                    probs = bundle.predict_proba(images, device=device, batch_size=batch_size)
+                    paths += good_paths
+                    chunks.append(probs)
+                    if on_batch is not None:
+                        on_batch(good_paths, images, probs)
+                bar.update(len(batch))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    for failure in failures:
+        log.debug("not predicted: %s", failure)
+    probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(LABELS)), dtype=np.float32)
+    return Predictions(
+        paths=paths,
+        probabilities=probabilities,
+        flagged=thresholds.flag(probabilities),
+        thresholds=thresholds,
+        device=device,
+        failures=failures,
+    )
+
+
+def _check_job(out: Path | None, grid: Path | None, grid_size: int, labels_file: Path | None) -> None:
+    """Settings checked before any work, each error naming the option and its value."""
+    if out is not None:
+        output_format(out)
+    if grid is not None and Path(grid).suffix.lower() != ".png":
+        raise ValueError(f"--grid {grid}: the figure is a PNG; the name must end in .png")
+    if grid_size < 1:
+        raise ValueError(f"--grid-size must be >= 1, got {grid_size}")
+    if labels_file is not None:
+        if grid is None:
+            raise ValueError(f"--labels {labels_file}: the real labels are shown in the --grid figure only")
+        if not Path(labels_file).is_file():
+            raise FileNotFoundError(f"--labels {labels_file}: no such file")
+
+
+def run_predict(
+    model_dir: Path,
+    inputs: Sequence[Path],
+    *,
+    out: Path | None = None,
+    grid: Path | None = None,
+    grid_size: int = 3,
+    labels_file: Path | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 1,
+    progress: bool = True,
+) -> Predictions:
+    """The whole `xraycls predict` job: load the bundle, predict every image in `inputs` (files or folders),
+    write `out` (CSV or JSON by extension) and the `grid` PNG (`grid_size` squared images, titled with the
+    real labels from `labels_file` when given). Returns the predictions; failed files are in ``failures``.
+
+    Every setting is checked before any image is read (ValueError / FileNotFoundError naming it); a run
+    where no file is found stops with ValueError, one where files fail goes on and lists them.
+    """
+    _check_job(out, grid, grid_size, labels_file)
+    device = resolve_device(device)
+    bundle = load_bundle(Path(model_dir), device="cpu")  # predict_proba moves it to `device`
+    thresholds = load_thresholds(bundle)
+    label_table = None
+    if labels_file is not None:
+        from xraycls.data.labels import read_label_file
+
+        label_table = read_label_file(Path(labels_file))
+    files = collect_inputs(inputs)
+    if not files:
+        raise ValueError(f"no image files found in {[str(p) for p in inputs]}")
+    log.info("predicting %d file(s) on %s with %s; %s", len(files), device, model_dir, DISCLAIMER)
+    predictions = predict_files(
+        bundle,
+        files,
+        thresholds=thresholds,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
+    predictions.model_dir = Path(model_dir)
+    if out is not None:
+        write_predictions(predictions, Path(out))
+    if grid is not None:
+        if predictions.paths:
+            plot_prediction_grid(predictions, Path(grid), n=grid_size, label_table=label_table)
+        else:
+            log.warning("grid %s not written: no image was predicted", grid)
+    return predictions
