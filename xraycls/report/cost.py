@@ -225,10 +225,15 @@ def _check_same(label: str, runs: list[RunCost], what: str, key: Any) -> None:
 
 
 def _plan_label(run: RunCost) -> str:
+    """e.g. 'cpu: cpu x1', 'gpu: gpu x8 (NVIDIA H100 80GB HBM3)', 'vpod16: ipu x4, 16 IPUs'."""
     hardware = run.hardware
     label = f"{hardware.get('accelerator')} x{hardware.get('devices')}"
     if (hardware.get("nodes") or 1) != 1:
         label += f" x{hardware.get('nodes')} nodes"
+    if hardware.get("ipus"):
+        label += f", {hardware['ipus']} IPUs"
+    if hardware.get("name"):
+        label = f"{hardware['name']}: {label}"
     return label + (f" ({run.device_names[0]})" if run.device_names else "")
 
 

@@ -2,8 +2,9 @@
 
 A flavor names the hardware config its runs use, a price per hour for the whole machine, a currency, where
 the price came from and when (`source`, `as_of`), and `placeholder` (true until someone checks the price:
-every report that uses it says so). Its `plan` (accelerator, devices, nodes) and optional `device_match` (a
-substring of the CUDA device name) are what a run's recorded hardware is matched against.
+every report that uses it says so). Its `plan` (accelerator, and any of devices, nodes, ipus: the keys of
+`xraycls.hardware.plan.HardwarePlan`) and optional `device_match` (a substring of the CUDA device name) are
+what a run's recorded hardware is matched against; `hardware` says how to run on it, not how to match.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 __all__ = ["Flavor", "load_flavor", "load_flavors"]
 
-_PLAN_KEYS = ("accelerator", "devices", "nodes")
+_PLAN_KEYS = ("accelerator", "devices", "nodes", "ipus")
 
 
 def _accelerator(name: Any) -> str:
@@ -36,7 +37,7 @@ class Flavor:
     source: str  # where the price came from
     as_of: str | None  # when the price was read
     placeholder: bool  # true: not a verified price
-    plan: dict[str, Any]  # accelerator, devices, nodes, matched against summary.json's hardware block
+    plan: dict[str, Any]  # accelerator + any of devices, nodes, ipus: matched against summary's hardware
     device_match: str | None = None  # substring of a device name in summary.json's versions.devices
     description: str = ""
     note: str = ""
@@ -48,7 +49,7 @@ class Flavor:
         `device_match`."""
         if _accelerator(self.plan.get("accelerator")) != _accelerator(hardware.get("accelerator")):
             return False
-        if any(key in self.plan and self.plan[key] != hardware.get(key) for key in ("devices", "nodes")):
+        if any(key in self.plan and self.plan[key] != hardware.get(key) for key in _PLAN_KEYS[1:]):
             return False
         return self.device_match is None or any(self.device_match in name for name in device_names)
 
@@ -81,7 +82,7 @@ def load_flavor(path: str | Path) -> Flavor:
         raise ValueError(f"{path}: a verified price (placeholder: false) needs as_of, the date it was read")
     plan = data.get("plan")
     if not isinstance(plan, dict) or "accelerator" not in plan:
-        raise ValueError(f"{path}: plan must be a mapping with at least accelerator (and devices, nodes)")
+        raise ValueError(f"{path}: plan must be a mapping with accelerator and any of devices, nodes, ipus")
     unknown = set(plan) - set(_PLAN_KEYS)
     if unknown:
         raise ValueError(f"{path}: plan has unknown keys {sorted(unknown)}; allowed: {list(_PLAN_KEYS)}")
