@@ -239,3 +239,11 @@ def test_wandb_offline_logs_metrics_and_plots_without_printing_the_key(
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.stat().st_size < 20_000_000:
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_tensorboard_logger_writes_event_files(data_dir: Path, tmp_path: Path) -> None:
+    overrides = ("logger=tensorboard", "trainer.max_epochs=1", "plots=false", "export_model=false")
+    run_training(compose_cfg(demo_overrides(data_dir, *overrides), tmp_path))
+    events = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(path.stat().st_size > 0 for path in events)
+    assert (tmp_path / "metrics.csv").is_file()  # the CSV logger stays on beside it
