@@ -149,7 +149,7 @@ def _plan(args: argparse.Namespace) -> int:
 @_command("predict")
 def _predict(args: argparse.Namespace) -> int:
     from xraycls.inference.outputs import DISCLAIMER, format_csv
-    from xraycls.inference.predict import run_predict
+    from xraycls.inference.predict_run import run_predict
 
     predictions = run_predict(
         Path(args.model),
@@ -158,6 +158,8 @@ def _predict(args: argparse.Namespace) -> int:
         grid=Path(args.grid) if args.grid else None,
         grid_size=args.grid_size,
         labels_file=Path(args.labels) if args.labels else None,
+        heatmaps_dir=Path(args.heatmaps) if args.heatmaps else None,
+        finding=args.finding,
         device=args.device,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -172,6 +174,8 @@ def _predict(args: argparse.Namespace) -> int:
     written = [args.out] if args.out else []
     if args.grid and predictions.paths:  # no grid when nothing was predicted
         written.append(args.grid)
+    if predictions.heatmaps:
+        written.append(f"{len(predictions.heatmaps)} heatmap(s) in {args.heatmaps}")
     print(
         f"predicted {len(predictions.paths)} image(s) on {predictions.device}, "
         f"{len(predictions.failures)} failed" + (f"; wrote {', '.join(written)}" if written else ""),
@@ -251,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels", default=None, help="an NIH label file: the grid shows each image's real labels"
     )
+    p.add_argument(
+        "--heatmaps", default=None, help="folder for Grad-CAM overlays, one per image and flagged finding"
+    )
+    p.add_argument("--finding", default=None, help="with --heatmaps: draw this finding for every image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="threads reading image files")

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from xraycls.findings import LABELS
 
@@ -36,6 +38,7 @@ __all__ = [
     "format_csv",
     "real_labels",
     "grid_titles",
+    "prediction_grid_figure",
     "plot_prediction_grid",
 ]
 
@@ -156,25 +159,22 @@ def grid_titles(predictions: Predictions, real: dict[Path, list[str] | None] | N
     return titles
 
 
-def plot_prediction_grid(
-    predictions: Predictions, out: Path, *, n: int = 3, label_table: pd.DataFrame | None = None
-) -> Path:
-    """An n x n figure of the first n*n predicted images, each titled as `grid_titles`; returns `out`.
+def prediction_grid_figure(
+    predictions: Predictions, *, n: int = 3, label_table: pd.DataFrame | None = None
+) -> Figure:
+    """An n x n figure of the first n*n predicted images, each titled with its file name and `grid_titles`.
 
-    `label_table` (from `xraycls.data.labels.read_label_file`) gives the "Real: …" part.
-    Tiles show the image as the model read it (`read_image`, at `GRID_DISPLAY_SIZE` pixels). The figure's
-    title carries `DISCLAIMER` and the flagging rule. ValueError when nothing was predicted or n < 1.
+    `label_table` (from `xraycls.data.labels.read_label_file`) gives the "Real: …" part. Tiles show the image
+    as the model read it (`read_image`, at `GRID_DISPLAY_SIZE` pixels). The figure's title carries
+    `DISCLAIMER` and the flagging rule. ValueError when nothing was predicted or n < 1.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from xraycls.inference.readers import read_image
 
     if n < 1:
         raise ValueError(f"grid size must be >= 1, got {n}")
     count = min(n * n, len(predictions.paths))
     if count == 0:
-        raise ValueError(f"grid {out}: no image was predicted, nothing to show")
+        raise ValueError("grid: no image was predicted, nothing to show")
     paths = list(predictions.paths[:count])
     real = real_labels(label_table, paths) if label_table is not None else None
     titles = grid_titles(predictions, real)[:count]
@@ -191,5 +191,13 @@ def plot_prediction_grid(
         ax.set_title(f"{Path(path).name}\n{wrapped}", fontsize=8)
     rule = textwrap.fill(f"Flagged: probability >= threshold; {predictions.thresholds.describe()}", 110)
     fig.suptitle(f"{DISCLAIMER}\n{rule}", fontsize=9, color="darkred")
+    return fig
+
+
+def plot_prediction_grid(
+    predictions: Predictions, out: Path, *, n: int = 3, label_table: pd.DataFrame | None = None
+) -> Path:
+    """Write `prediction_grid_figure` as a PNG at `out`; returns `out`."""
+    fig = prediction_grid_figure(predictions, n=n, label_table=label_table)
     FigureCanvasAgg(fig)  # this figure only: no pyplot, no global backend change
     return _atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))

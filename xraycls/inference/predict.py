@@ -3,9 +3,11 @@
 The model is the ``model/`` bundle (`xraycls.inference.bundle`); images are read by
 `xraycls.inference.readers.read_image` at the bundle's ``preprocessing.image_size`` and go through
 `ModelBundle.predict_proba`, so the preprocessing is the training pipeline's own code. A finding is flagged
-when its probability is >= its operating threshold, stored by the training run in ``config.json`` under
-``extra.thresholds`` = {"method": ..., "per_finding": {name: {"threshold", "sensitivity", "specificity"}}};
-a finding without one uses 0.5, and every output says so. A file that cannot be read is recorded as a
+when its probability is >= its operating threshold (`xraycls.inference.thresholds.flag_findings`), stored
+by the training run in ``config.json`` under ``extra.thresholds`` = {"method": ..., "per_finding": {name:
+{"threshold", "sensitivity", "specificity"}}}; a finding the model stores no entry for uses 0.5, one
+stored as None (no ROC curve on validation) is never flagged, and every output says which. Only the 14
+findings are flagged; "No Finding" keeps its probability column. A file that cannot be read is recorded as a
 `Failure` (path and problem) and the others are still predicted.
 
 Every output is an aid to be checked by a radiologist, not a diagnosis (`DISCLAIMER`).
@@ -27,12 +29,13 @@ from tqdm.auto import tqdm
 
 from xraycls.data.images import ImageDecodeError
 from xraycls.findings import FINDINGS, LABELS
-from xraycls.inference.bundle import ModelBundle, load_bundle
-from xraycls.inference.outputs import DISCLAIMER, output_format, plot_prediction_grid, write_predictions
-from xraycls.inference.readers import collect_inputs, read_image
+from xraycls.inference.bundle import ModelBundle
+from xraycls.inference.outputs import DISCLAIMER
+from xraycls.inference.readers import read_image
 from xraycls.inference.thresholds import flag_findings
 
 __all__ = [
+    "BatchCallback",
     "DISCLAIMER",
     "DEFAULT_THRESHOLD",
     "Thresholds",
@@ -41,7 +44,6 @@ __all__ = [
     "load_thresholds",
     "resolve_device",
     "predict_files",
-    "run_predict",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class Predictions:
     model_dir: Path | None = None
     failures: list[Failure] = field(default_factory=list)
     labels: list[str] = field(default_factory=lambda: list(LABELS))
+    heatmaps: list[Path] = field(default_factory=list)  # overlay PNGs written, if any were asked for
 
 
 def _threshold_value(value: Any, where: str) -> float | None:
@@ -248,71 +251,3 @@ def predict_files(
         device=device,
         failures=failures,
     )
-
-
-def _check_job(out: Path | None, grid: Path | None, grid_size: int, labels_file: Path | None) -> None:
-    """Settings checked before any work, each error naming the option and its value."""
-    if out is not None:
-        output_format(out)
-    if grid is not None and Path(grid).suffix.lower() != ".png":
-        raise ValueError(f"--grid {grid}: the figure is a PNG; the name must end in .png")
-    if grid_size < 1:
-        raise ValueError(f"--grid-size must be >= 1, got {grid_size}")
-    if labels_file is not None:
-        if grid is None:
-            raise ValueError(f"--labels {labels_file}: the real labels are shown in the --grid figure only")
-        if not Path(labels_file).is_file():
-            raise FileNotFoundError(f"--labels {labels_file}: no such file")
-
-
-def run_predict(
-    model_dir: Path,
-    inputs: Sequence[Path],
-    *,
-    out: Path | None = None,
-    grid: Path | None = None,
-    grid_size: int = 3,
-    labels_file: Path | None = None,
-    device: str = "auto",
-    batch_size: int = 32,
-    workers: int = 1,
-    progress: bool = True,
-) -> Predictions:
-    """The whole `xraycls predict` job: load the bundle, predict every image in `inputs` (files or folders),
-    write `out` (CSV or JSON by extension) and the `grid` PNG (`grid_size` squared images, titled with the
-    real labels from `labels_file` when given). Returns the predictions; failed files are in ``failures``.
-
-    Every setting is checked before any image is read (ValueError / FileNotFoundError naming it); a run
-    where no file is found stops with ValueError, one where files fail goes on and lists them.
-    """
-    _check_job(out, grid, grid_size, labels_file)
-    device = resolve_device(device)
-    bundle = load_bundle(Path(model_dir), device="cpu")  # predict_proba moves it to `device`
-    thresholds = load_thresholds(bundle)
-    label_table = None
-    if labels_file is not None:
-        from xraycls.data.labels import read_label_file
-
-        label_table = read_label_file(Path(labels_file))
-    files = collect_inputs(inputs)
-    if not files:
-        raise ValueError(f"no image files found in {[str(p) for p in inputs]}")
-    log.info("predicting %d file(s) on %s with %s; %s", len(files), device, model_dir, DISCLAIMER)
-    predictions = predict_files(
-        bundle,
-        files,
-        thresholds=thresholds,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-    )
-    predictions.model_dir = Path(model_dir)
-    if out is not None:
-        write_predictions(predictions, Path(out))
-    if grid is not None:
-        if predictions.paths:
-            plot_prediction_grid(predictions, Path(grid), n=grid_size, label_table=label_table)
-        else:
-            log.warning("grid %s not written: no image was predicted", grid)
-    return predictions
