@@ -1,10 +1,11 @@
 """What `xraycls predict` writes: the predictions as CSV or JSON, and a grid figure in the guide's style.
 
 Every output carries `DISCLAIMER`: the CSV as its first line, a ``#`` comment (read it back with
-``pandas.read_csv(path, skiprows=1)``; ``comment="#"`` would also cut a path holding a ``#``); the JSON as its ``disclaimer`` key; the figure in
-its title. CSV columns: ``path`` (as given), ``image`` (file name), the 15 probabilities named by label in
-`xraycls.findings.LABELS` order (6 decimals), ``flagged`` (the flagged findings joined by ``|``, empty when
-none reaches its threshold). Files are written under a temporary name and renamed into place.
+``pandas.read_csv(path, skiprows=1)``; ``comment="#"`` would also cut a path holding a ``#``); the JSON
+as its ``disclaimer`` key; the figure in its title. CSV columns: ``path`` (as given), ``image`` (file
+name), the 15 probabilities named by label in `xraycls.findings.LABELS` order (6 decimals), ``flagged``
+(the flagged findings joined by ``|``, empty when none reaches its threshold). Files are written under a
+temporary name and renamed into place.
 """
 
 from __future__ import annotations
