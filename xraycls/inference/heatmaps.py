@@ -1,0 +1,180 @@
+"""Heatmaps: where the model found the evidence for one finding, by Grad-CAM on the last ViT block's tokens.
+
+Method (Selvaraju et al. 2017, arXiv:1610.02391, applied to a ViT the way pytorch-grad-cam does): the
+activations A [T, D] are the T = gh x gw patch tokens entering the last block's attention (the output of
+``blocks[-1].norm1``; prefix tokens, CLS and registers, dropped); the weights w [D] are the gradients of
+the finding's LOGIT with respect to A, averaged over the tokens; the map is ReLU(A @ w) on the patch grid,
+resized bilinearly to the input and divided by its maximum, so 1 is the strongest evidence in this image
+(an image with no positive evidence gives all zeros). Values are relative within one image and finding,
+not probabilities.
+
+Why Grad-CAM and not attention rollout (Abnar & Zuidema 2020): rollout multiplies the attention maps of
+all layers and is the same whatever the finding, but the overlays are per finding: two findings on one
+image must light up two places. Grad-CAM is class-specific through the gradient of that finding's logit.
+Why the last block's input and not its output: in a CLS-token ViT (ViT-B/16) only the CLS token of the
+last block's output reaches the head, so the patch tokens there get zero gradient; at its input they reach
+the CLS token through that block's attention. With average pooling (the demo's tiny ViT) they reach the
+head through both paths. Works on timm VisionTransformers (``patch_embed``, ``blocks[i].norm1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from xraycls.inference.bundle import ModelBundle
+
+__all__ = ["HEATMAP_METHOD", "DISCLAIMER", "heatmap", "heatmaps", "save_heatmaps"]
+
+log = logging.getLogger(__name__)
+
+HEATMAP_METHOD = "Grad-CAM on the last ViT block's patch tokens"
+DISCLAIMER = "aid to be checked by a radiologist, not a diagnosis"
+_OVERLAY_ALPHA = 0.45
+_DPI = 110
+
+
+def _vit_parts(model: nn.Module) -> tuple[tuple[int, int], int, nn.Module]:
+    """(patch grid (gh, gw), number of prefix tokens, the module whose output is the CAM activation)."""
+    patch_embed, blocks = getattr(model, "patch_embed", None), getattr(model, "blocks", None)
+    if patch_embed is None or not blocks or not hasattr(blocks[-1], "norm1"):
+        raise ValueError(
+            f"heatmap: {type(model).__name__} is not a timm VisionTransformer (needs patch_embed and "
+            f"blocks[-1].norm1)"
+        )
+    prefix = getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
+    grid_h, grid_w = (int(n) for n in patch_embed.grid_size)
+    return (grid_h, grid_w), int(prefix), blocks[-1].norm1
+
+
+def heatmaps(model: nn.Module, image: Tensor, label_indices: Sequence[int]) -> list[np.ndarray]:
+    """One Grad-CAM map per output index in `label_indices`, from one forward pass (module doc).
+
+    `image` is one normalised input, float [1, 3, H, W] (what `ModelBundle.preprocess` gives), on any
+    device; it runs on the model's device. Returns float32 [H, W] arrays in [0, 1].
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    (grid_h, grid_w), prefix, target = _vit_parts(model)
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise ValueError(f"heatmap: image must be one normalised input [1, 3, H, W], got {list(image.shape)}")
+    device = next(model.parameters()).device
+    captured: list[Tensor] = []
+    handle = target.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    was_training = model.training
+    model.eval()
+    try:
+        # Gradients even when the caller runs in inference mode; only activation gradients are taken
+        # (autograd.grad), so no parameter's .grad is touched.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = image.detach().clone().to(device=device, dtype=torch.float32).requires_grad_(True)
+            logits = model(x)
+            tokens = captured[-1]
+            num_outputs = logits.shape[1]
+            bad = [i for i in label_indices if not 0 <= int(i) < num_outputs]
+            if bad:
+                raise ValueError(f"heatmap: label indices {bad} outside the model's {num_outputs} outputs")
+            grads = [
+                torch.autograd.grad(logits[0, int(i)], tokens, retain_graph=k < len(label_indices) - 1)[0]
+                for k, i in enumerate(label_indices)
+            ]
+    finally:
+        handle.remove()
+        model.train(was_training)
+    activations = tokens[0, prefix:].detach().float()
+    if activations.shape[0] != grid_h * grid_w:
+        raise ValueError(
+            f"heatmap: {activations.shape[0]} patch tokens for a {grid_h} x {grid_w} patch grid; the input "
+            f"{list(image.shape[2:])} is not the size the model was built for"
+        )
+    return [_cam(activations, grad[0, prefix:].float(), (grid_h, grid_w), image.shape[2:]) for grad in grads]
+
+
+def _cam(activations: Tensor, grad: Tensor, grid: tuple[int, int], size: Sequence[int]) -> np.ndarray:
+    weights = grad.mean(dim=0)  # [D]: the channel weights of Grad-CAM, gradients pooled over tokens
+    cam = torch.relu(activations @ weights).reshape(1, 1, *grid)
+    cam = F.interpolate(cam, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)[0, 0]
+    peak = float(cam.max())
+    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
+    return cam.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
+
+
+def heatmap(model: nn.Module, image: Tensor, label_index: int) -> np.ndarray:
+    """Grad-CAM of output `label_index` (LABELS order) for one input [1, 3, H, W]: float32 [H, W], 0..1."""
+    return heatmaps(model, image, [label_index])[0]
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+
+
+def _overlay(image_u8: np.ndarray, heat: np.ndarray, title: str, out: Path) -> Path:
+    fig = Figure(figsize=(5.2, 5.6))
+    FigureCanvasAgg(fig)  # Agg on this figure only: no pyplot state
+    ax = fig.add_subplot()
+    ax.imshow(image_u8, cmap="gray", vmin=0, vmax=255)
+    shown = ax.imshow(heat, cmap="jet", alpha=_OVERLAY_ALPHA, vmin=0.0, vmax=1.0)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="relative evidence (Grad-CAM)")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def save_heatmaps(
+    bundle: ModelBundle,
+    image_u8: np.ndarray,
+    probs: np.ndarray,
+    out_dir: Path,
+    name: str,
+    findings: Sequence[str],
+) -> list[Path]:
+    """Write one overlay PNG per finding: ``out_dir/<name>__<finding>.png`` (unsafe characters -> ``_``).
+
+    `image_u8` is the image as the model saw it before resizing: uint8 [image_size, image_size], what
+    `load_xray(path, image_size)` gives; `probs` its float [len(labels)] probabilities in `bundle.labels`
+    order. Each figure shows the image, the heatmap (resized to the image) in a colour map, and a title
+    naming the image, the finding, its probability, the method and the disclaimer. Runs on the bundle
+    model's device. Raises ValueError for an unknown finding or a wrongly shaped image or probs.
+    """
+    unknown = [finding for finding in findings if finding not in bundle.labels]
+    if unknown:
+        raise ValueError(f"heatmaps for {name}: unknown findings {unknown}; known: {bundle.labels}")
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if probs.shape[0] != len(bundle.labels):
+        raise ValueError(
+            f"heatmaps for {name}: probs must hold {len(bundle.labels)} values, got {probs.shape[0]}"
+        )
+    if not findings:
+        return []
+    image_u8 = np.asarray(image_u8)
+    batch = bundle.to_uint8_batch([image_u8])  # checks dtype and size, names the problem
+    x = bundle.normalize(batch.to(bundle.normalize.scale.device))
+    indices = [bundle.labels.index(finding) for finding in findings]
+    maps = heatmaps(bundle.model, x, indices)
+    height, width = image_u8.shape
+    written = []
+    for finding, index, heat in zip(findings, indices, maps, strict=True):
+        heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
+        title = f"{name}\n{finding}: p = {probs[index]:.3f}\n{HEATMAP_METHOD}\n{DISCLAIMER}"
+        out = Path(out_dir) / f"{_safe_name(name)}__{_safe_name(finding)}.png"
+        written.append(_overlay(image_u8, np.clip(heat, 0.0, 1.0), title, out))
+    log.info("wrote %d heatmaps for %s to %s", len(written), name, out_dir)
+    return written
