@@ -1,4 +1,4 @@
-"""`xraycls` command line: download | synth | prepare | inspect | plan | cost | predict.
+"""`xraycls` command line: download | synth | prepare | inspect | plan | cost | predict | export.
 
 Each subcommand is a thin shell over one library function; heavy imports (torch, Lightning) happen inside
 the handler so that `xraycls download --help` stays instant.
@@ -185,6 +185,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if predictions.failures else 0
 
 
+@_command("export")
+def _export(args: argparse.Namespace) -> int:
+    from xraycls.inference.bundle import load_bundle
+    from xraycls.inference.onnx_export import export_onnx
+
+    bundle = load_bundle(Path(args.model))
+    report = export_onnx(bundle, Path(args.onnx), opset=args.opset, check_inputs=args.check_inputs)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xraycls", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -263,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="threads reading image files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "export",
+        help="write a model/ bundle as ONNX, checked against PyTorch with ONNX Runtime (JSON report)",
+    )
+    p.add_argument("--model", required=True, help="the model/ folder of a training run")
+    p.add_argument("--onnx", required=True, help="ONNX file to write (nothing is written if the check fails)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--check-inputs", type=int, default=4, help="sample inputs compared with PyTorch")
     return parser
 
 
