@@ -24,7 +24,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from xraycls.findings import LABELS
+from xraycls.hardware.plan import HardwarePlan, plan_from_config, trainer_arguments
+from xraycls.hardware.sampling import unpad_eval_loaders
 from xraycls.inference.bundle import export_bundle
+from xraycls.inference.thresholds import check_threshold_settings, choose_thresholds
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.report.plots import plot_roc_curves, plot_sample_grid, plot_training_curves
 from xraycls.report.preparation import preparation_timing
@@ -94,20 +97,30 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def _hardware_summary(trainer: L.Trainer, datamodule: Any) -> dict:
-    accumulation = int(trainer.accumulate_grad_batches)
-    micro = int(datamodule.per_device_batch)
-    return {
-        "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
-        "devices": int(trainer.num_devices),
-        "nodes": int(trainer.num_nodes),
-        "replicas": int(trainer.world_size),
-        "micro_batch": micro,
-        "accumulation": accumulation,
-        "global_batch": micro * int(trainer.world_size) * accumulation,
-        "precision": str(trainer.precision),
-        "strategy": type(trainer.strategy).__name__,
-    }
+def _hardware_plan(cfg: DictConfig) -> HardwarePlan:
+    """The resolved plan (xraycls.hardware.plan); raises PlanError before any work on a bad combination."""
+    return plan_from_config(
+        {
+            "hardware": OmegaConf.to_container(cfg.hardware, resolve=True),
+            "data": {"batch_size": cfg.data.batch_size},
+            "trainer": {"accumulate_grad_batches": cfg.trainer.get("accumulate_grad_batches", 1)},
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+        }
+    )
+
+
+def _hardware_arguments(cfg: DictConfig, plan: HardwarePlan) -> dict[str, Any]:
+    """Trainer accelerator, strategy, devices, num_nodes, precision and accumulation from the plan."""
+    if plan.accelerator != "ipu":
+        return trainer_arguments(plan)
+    from xraycls.hardware.ipu import IPUSettings, ipu_trainer_arguments  # PopTorch: the IPU stack only
+
+    return ipu_trainer_arguments(
+        plan,
+        IPUSettings(**(OmegaConf.to_container(cfg.hardware, resolve=True).get("ipu") or {})),
+        seed=int(cfg.seed),
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+    )
 
 
 def _build_model(cfg: DictConfig, datamodule: Any) -> XrayClassifier:
@@ -142,6 +155,48 @@ def _metrics_block(values: dict | None, split: str) -> dict | None:
     return {"split": split, **values}
 
 
+def _threshold_settings(cfg: DictConfig) -> dict[str, Any]:
+    node = cfg.get("thresholds") or {}
+    method = str(node.get("method", "youden"))
+    return {
+        "method": method,
+        "target_sensitivity": check_threshold_settings(method, node.get("target_sensitivity")),
+    }
+
+
+def _validation_outputs(trainer: L.Trainer, model: XrayClassifier) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's probabilities and labels of the last validation pass, float32 [N, 15] each.
+
+    A collective with several processes: call it on every rank. Each image is seen once (the eval loaders
+    are unpadded under DDP), so the gathered rows are the whole validation set.
+    """
+    local = model.eval_outputs("val")
+    if trainer.world_size == 1:
+        return local
+    width = len(LABELS)
+    rows = np.zeros((0, 2 * width), np.float32) if local is None else np.concatenate(local, axis=1)
+    # all_gather needs one shape on every rank: pad to the largest count, then cut each rank's part back.
+    counts = trainer.strategy.all_gather(torch.tensor([len(rows)], device=model.device)).reshape(-1)
+    padded = torch.zeros((int(counts.max()), 2 * width), device=model.device)
+    padded[: len(rows)] = torch.from_numpy(rows).to(model.device)
+    gathered = trainer.strategy.all_gather(padded)
+    everything = torch.cat([part[: int(n)] for part, n in zip(gathered, counts, strict=True)]).cpu().numpy()
+    if not len(everything):
+        return None
+    return everything[:, :width], everything[:, width:]
+
+
+def _choose_thresholds(
+    outputs: tuple[np.ndarray, np.ndarray] | None, settings: dict, split: str
+) -> dict | None:
+    """Operating thresholds from the best checkpoint's validation pass (never the test set)."""
+    if outputs is None:
+        log.warning("no validation outputs: no operating thresholds are stored with the model")
+        return None
+    probs, labels = outputs
+    return {**choose_thresholds(probs, labels, **settings), "chosen_on": {"stage": "val", "split": split}}
+
+
 def run_training(cfg: DictConfig) -> dict:
     """Fit, validate and test the best checkpoint, export and plot; returns the summary written to disk."""
     started, started_at = time.perf_counter(), time.time()
@@ -151,12 +206,21 @@ def run_training(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     # Every constructor validates its settings, so a wrong config stops here, before data or weights.
-    datamodule = instantiate(cfg.data)
+    threshold_settings = _threshold_settings(cfg)
+    plan = _hardware_plan(cfg)
+    hardware_args = _hardware_arguments(cfg, plan)
+    datamodule = instantiate(cfg.data, batch_size=plan.loader_batch)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"), trainer_cfg["accelerator"])
+    for key in hardware_args:  # passed as objects below, not merged into the config
+        trainer_cfg.pop(key, None)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, **hardware_args
+    )
+    if plan.replicas > 1 and plan.accelerator != "ipu":
+        # DDP's default eval sampler repeats images to even out ranks; AUROC must see each image once.
+        unpad_eval_loaders(datamodule)
     resume = find_resume_checkpoint(
         cfg.get("ckpt_path"), run_dir, Path(cfg.paths.runs_dir), str(cfg.task_name)
     )
@@ -166,6 +230,11 @@ def run_training(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = _build_model(cfg, datamodule)
+    if plan.accelerator == "ipu":
+        from xraycls.hardware.ipu import annotate_pipeline
+
+        ipu_cfg = OmegaConf.to_container(cfg.hardware, resolve=True).get("ipu") or {}
+        annotate_pipeline(model.backbone, plan.layers_per_ipu, recompute=ipu_cfg.get("recompute", True))
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
@@ -175,6 +244,7 @@ def run_training(cfg: DictConfig) -> dict:
     # Validate the best checkpoint again so summary's val metrics belong to the exported weights.
     trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     val_metrics = model.last_metrics.get("val")
+    val_outputs = _validation_outputs(trainer, model)  # gathered before test, on every rank
     test_metrics = None
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
@@ -192,12 +262,13 @@ def run_training(cfg: DictConfig) -> dict:
             "val": _metrics_block(val_metrics, split_name),
             "test": _metrics_block(test_metrics, split_name),
         },
-        "hardware": _hardware_summary(trainer, datamodule),
+        "hardware": plan.to_dict(),
         "data": data_summary,
         "labels": list(LABELS),
         "versions": collect_versions(),
         "shuffled_train_labels": bool(cfg.get("shuffle_train_labels")),
     }
+    summary["thresholds"] = _choose_thresholds(val_outputs, threshold_settings, split_name)
     timer = next((cb for cb in trainer.callbacks if isinstance(cb, RunTimer)), None)
     if timer is not None:
         summary.update(timer.as_dict())
@@ -252,4 +323,5 @@ def _export(run_dir: Path, model: XrayClassifier, datamodule: Any, summary: dict
         backbone_kwargs={k: v for k, v in kwargs.items() if v is not None},
         preprocessing=preprocessing,
         metrics=headline,
+        extra={"thresholds": summary.get("thresholds")},
     )
