@@ -29,8 +29,9 @@ from xraycls.report.cost_report import write_cost_report
 from xraycls.report.flavor import load_flavor, load_flavors
 from xraycls.report.preparation import preparation_timing
 
-# A run of 2 epochs over 1,000 training images at 50 images/s, 100 val and 100 test images at 100 images/s,
-# validated after each epoch and once more for the best checkpoint (6 + 6 + 3 = 15 s of validation).
+# A run of 2 epochs over 1,000 training images (125 steps of 8) at 50 images/s, 100 val and 100 test
+# images at 100 images/s, validated after each epoch and once more for the best checkpoint (6 + 6 + 3 =
+# 15 s of validation).
 # Per-image work = 2 x 1000 / 50 + (3 x 100 + 100) / 100 = 40 + 4 = 44 s; fixed = 100 - 44 = 56 s;
 # preparation = 20 s (the cache), total = 120 s.
 BASE = {
@@ -44,7 +45,7 @@ BASE = {
     },
     "throughput": {"train_images_per_s": 50.0, "eval_images_per_s": 100.0},
     "hardware": {"name": "cpu", "accelerator": "cpu", "devices": 1, "nodes": 1, "replicas": 1, "ipus": None,
-                 "micro_batch": 16, "accumulation": 1, "global_batch": 16, "precision": "32-true"},
+                 "micro_batch": 8, "accumulation": 1, "global_batch": 8, "precision": "32-true"},
     "data": {"split": "official", "source": "cache", "image_size": 64, "input_size": 64, "global_batch": 16,
              "images": {"train": 1000, "val": 100, "test": 100}},
     "versions": {"devices": []},
@@ -115,6 +116,10 @@ def test_one_run_against_hand_computed_seconds_and_money(tmp_path: Path) -> None
         ({"timing": {"test": None}}, 40.0 + 3.0),
         # Two replicas measured 100 train images/s: 2 x 1000 / 100 = 20 s.
         ({"throughput": {"train_images_per_s": 100.0}}, 20.0 + 4.0),
+        # The loader drops the last partial step of 8 images: 1,010 train images -> 1,008 trained per epoch.
+        ({"data": {"images": {"train": 1010}}}, 2 * 1008 / 50 + 4.0),
+        # An IPU plan hands 128 images per host call: 1,000 -> 7 x 128 = 896 trained per epoch.
+        ({"hardware": {"samples_per_host_step": 128}}, 2 * 896 / 50 + 4.0),
         # No eval throughput (too few batches): the measured 15 + 5 s of evaluation count as per-image work.
         ({"throughput": {"eval_images_per_s": None}}, 40.0 + 20.0),
     ],
@@ -400,14 +405,16 @@ def test_download_and_prepare_reports_give_the_preparation_seconds(tmp_path: Pat
 def test_a_real_run_summary_prices_and_extrapolates(tmp_path: Path) -> None:
     """One short demo run (the cache built inside it): its summary carries the preparation seconds and
     `xraycls cost` reads it; 1x from the report equals the run's own seconds."""
-    from test_train import compose_cfg, demo_overrides
+    from hydra import compose, initialize_config_dir
 
     from xraycls.training import run_training
 
     make_synthetic_nih(tmp_path / "demo" / "raw", 120, size=64, seed=0, min_prevalence=0.1)
-    overrides = demo_overrides(tmp_path, "trainer.max_epochs=2", "callbacks.run_timer.warmup_batches=1",
-                               "plots=false", "export_model=false")  # fmt: skip
-    summary = run_training(compose_cfg(overrides, tmp_path / "run"))
+    overrides = ["experiment=demo", f"paths.data_dir={tmp_path}", f"paths.runs_dir={tmp_path}/runs",
+                 f"paths.output_dir={tmp_path}/run", "trainer.max_epochs=2", "plots=false",
+                 "export_model=false", "callbacks.run_timer.warmup_batches=1"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        summary = run_training(compose("config", overrides=overrides))
     assert summary["preparation"]["prepare_in_run"] is True and summary["timing"]["prepare"] > 0
     assert summary["timing"]["download"] is None  # synthetic data: nothing was downloaded
     run = load_run(tmp_path / "run")

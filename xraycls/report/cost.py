@@ -6,9 +6,10 @@ Per run, in seconds of wall time:
   paid once per dataset, counted once per run, as the guide measured "preparation + training".
 - training = the run's `timing.total` (fit, validation, test, export, plots), less the cache build when the
   run made the cache itself (it is preparation).
-- per-image work = epochs x train images / train images/s + evaluated images / eval images/s, at the
-  throughputs measured after warm-up; fixed = training - per-image work (set-up, compilation, warm-up
-  batches, per-epoch checkpoints, export, plots: what does not grow with the data).
+- per-image work = epochs x trained images (the train part less the partial last step the loader drops)
+  / train images/s + evaluated images / eval images/s, at the throughputs measured after warm-up;
+  fixed = training - per-image work (set-up, compilation, warm-up batches, per-epoch checkpoints, export,
+  plots: what does not grow with the data).
 
 At k x the data: preparation x k, fixed unchanged, per-image work x k. The guide's naive estimate scales the
 whole run by k; `difference` = naive - ours. Money = seconds / 3600 x price_per_hour.
@@ -117,7 +118,7 @@ def load_run(run_dir: str | Path) -> RunCost:
         total -= prepare  # the run built the cache: those seconds are preparation, not training
         notes.append("built the cache itself: its prepare seconds moved from training to preparation")
     train_rate = _number(summary, "throughput.train_images_per_s", path)
-    per_image = len(epochs) * images["train"] / train_rate
+    per_image = len(epochs) * _trained_images(images["train"], summary.get("hardware") or {}) / train_rate
     per_image += _eval_seconds(summary, timing, images, path, notes)
     training = total
     if per_image > training:
@@ -142,6 +143,15 @@ def load_run(run_dir: str | Path) -> RunCost:
         train_images_per_s=train_rate,
         notes=tuple(notes),
     )
+
+
+def _trained_images(train: int, hardware: dict) -> int:
+    """Images one epoch trains on: the loader drops the last partial step (`drop_last`), whose size is the
+    plan's `samples_per_host_step` (else micro_batch x replicas; else nothing is dropped)."""
+    step = hardware.get("samples_per_host_step")
+    if not isinstance(step, int) and isinstance(hardware.get("micro_batch"), int):
+        step = hardware["micro_batch"] * int(hardware.get("replicas") or 1)
+    return train // step * step if isinstance(step, int) and step > 0 else train
 
 
 def _eval_seconds(summary: dict, timing: dict, images: dict, path: Path, notes: list[str]) -> float:
