@@ -134,6 +134,7 @@ def test_flag_findings_applies_greater_or_equal_and_skips_missing_thresholds() -
         ({"method": "target_sensitivity"}, "target_sensitivity must be in \\(0, 1\\]"),
         ({"method": "target_sensitivity", "target_sensitivity": 1.5}, "got 1.5"),
         ({"target_sensitivity": 0.9}, "only used with method=target_sensitivity"),
+        ({"method": "target_sensitivity", "target_sensitivity": "0.9"}, "got '0.9'"),
     ],
 )
 def test_bad_settings_name_the_setting(kwargs: dict, message: str) -> None:

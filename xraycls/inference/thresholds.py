@@ -30,7 +30,13 @@ import numpy as np
 
 from xraycls.findings import LABELS
 
-__all__ = ["THRESHOLD_RULE", "THRESHOLD_METHODS", "choose_thresholds", "flag_findings"]
+__all__ = [
+    "THRESHOLD_RULE",
+    "THRESHOLD_METHODS",
+    "check_threshold_settings",
+    "choose_thresholds",
+    "flag_findings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,30 @@ def _one_label(scores: np.ndarray, positive: np.ndarray, method: str, target: fl
     }
 
 
+def check_threshold_settings(method: str, target_sensitivity: float | None = None) -> float | None:
+    """Validate the ``thresholds`` settings before any work; returns the target as a float (or None).
+
+    Raises ValueError naming the setting for an unknown method, a target outside (0, 1] with
+    method=target_sensitivity, or a target given with another method (it would be silently ignored).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"thresholds.method={method!r} is unknown; choose one of {list(_METHODS)}")
+    if method == "target_sensitivity":
+        number = isinstance(target_sensitivity, (int, float)) and not isinstance(target_sensitivity, bool)
+        if not number or not 0 < float(target_sensitivity) <= 1:
+            raise ValueError(
+                f"thresholds.target_sensitivity must be in (0, 1] with method=target_sensitivity, "
+                f"got {target_sensitivity!r}"
+            )
+        return float(target_sensitivity)
+    if target_sensitivity is not None:
+        raise ValueError(
+            f"thresholds.target_sensitivity={target_sensitivity!r} is only used with "
+            f"method=target_sensitivity (method is {method!r}); set one or clear the other"
+        )
+    return None
+
+
 def choose_thresholds(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -123,20 +153,7 @@ def choose_thresholds(
     these images. Raises ValueError for an unknown method, a target outside (0, 1] or given with another
     method, and for inputs of the wrong shape or values.
     """
-    if method not in _METHODS:
-        raise ValueError(f"thresholds.method={method!r} is unknown; choose one of {list(_METHODS)}")
-    if method == "target_sensitivity":
-        if target_sensitivity is None or not 0 < float(target_sensitivity) <= 1:
-            raise ValueError(
-                f"thresholds.target_sensitivity must be in (0, 1] with method=target_sensitivity, "
-                f"got {target_sensitivity!r}"
-            )
-        target_sensitivity = float(target_sensitivity)
-    elif target_sensitivity is not None:
-        raise ValueError(
-            f"thresholds.target_sensitivity={target_sensitivity!r} is only used with "
-            f"method=target_sensitivity (method is {method!r}); set one or clear the other"
-        )
+    target_sensitivity = check_threshold_settings(method, target_sensitivity)
     probs, positive = _check_inputs(probs, labels, label_names)
     per_finding = {
         name: _one_label(probs[:, j], positive[:, j], method, target_sensitivity)
