@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,23 @@ def test_bad_inputs_are_refused_with_their_problem() -> None:
         flag_findings(np.zeros((1, 5)), thresholds, (*NAMES, "E"))
     with pytest.raises(ValueError, match=r"probs must be \[images, 4\]"):
         flag_findings(np.zeros((2, 3)), thresholds, NAMES)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("thresholds.method=otsu", "thresholds.method='otsu' is unknown"),
+        ("thresholds.target_sensitivity=0.9", "only used with method=target_sensitivity"),
+    ],
+)
+def test_a_wrong_thresholds_setting_stops_training_before_any_work(
+    override: str, message: str, tmp_path: Path
+) -> None:
+    from test_train import compose_cfg, demo_overrides
+
+    from xraycls.training import run_training
+
+    cfg = compose_cfg(demo_overrides(tmp_path / "data", override), tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        run_training(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "data").exists()
