@@ -20,54 +20,13 @@ import csv
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from xraycls.report.cost import CostGroup, Stat
 from xraycls.report.cost_charts import plot_cost_bars
+from xraycls.report.published import PUBLISHED, PUBLISHED_ROWS, PublishedFigure
 
-__all__ = ["PublishedFigure", "PUBLISHED", "write_cost_report", "format_duration"]
-
-
-@dataclass(frozen=True)
-class PublishedFigure:
-    source: str  # who published it
-    hardware: str  # what it ran on, as the source says
-    figure: str  # what was measured
-    value: str  # as published, units included
-
-
-_GRAPHCORE = "Graphcore ViT NIH tutorial (optimum-graphcore)"
-_GCORE = "Gcore IPU guide"
-# The figures we know from the guide and the tutorial it follows: shown as published, never as measured.
-PUBLISHED: tuple[PublishedFigure, ...] = (
-    PublishedFigure(_GRAPHCORE, "4 IPUs, one replica, SDK 3.0/3.1", "train_runtime, 3 epochs", "1,038 s"),
-    PublishedFigure(_GRAPHCORE, "4 IPUs, one replica, SDK 3.0/3.1", "training throughput", "307.7 samples/s"),
-    PublishedFigure(
-        _GRAPHCORE, "4 IPUs, one replica, SDK 3.0/3.1", "eval AUC / eval loss", "0.7916 / 0.1785"
-    ),
-    PublishedFigure(
-        _GCORE,
-        "vPOD4 + Poplar server on a CPU60 VM; vPOD4 + bare-metal Poplar server; vPOD16 + bare-metal",
-        "training time, mean of 10 runs",
-        "6 to 15 min depending on the flavor",
-    ),
-    PublishedFigure(_GCORE, "vPOD16 vs vPOD4", "training speed", "vPOD16 about 2x faster than vPOD4"),
-    PublishedFigure(_GCORE, "all flavors", "time in all, download included", "about 2 h"),
-    PublishedFigure(_GCORE, "the smallest flavor", "money spent", "$17"),
-    PublishedFigure(_GCORE, "-", "eval AUC / eval loss", "0.7681 / 0.1875"),
-    PublishedFigure(_GCORE, "all flavors", "price per flavor", "not available to us"),
-)
-
-
-# Rows of the 1x table (flavor, n, preparation, training, total, and the three costs) from PUBLISHED.
-_PUBLISHED_ROWS: tuple[tuple[str, ...], ...] = (
-    ("4 IPUs, Graphcore tutorial (PUBLISHED)", "-", "-", "1,038 s train_runtime (published)", "-", "-", "-",
-     "-"),
-    ("IPU vPOD4 / vPOD16 flavors, Gcore guide (PUBLISHED)", "10 each", "-",
-     "6 to 15 min by flavor (published)", "about 2 h with the download (published)", "-", "-",
-     "$17 on the smallest flavor (published)"),
-)  # fmt: skip
+__all__ = ["write_cost_report", "format_duration"]
 
 
 def format_duration(seconds: float | None) -> str:
@@ -130,7 +89,7 @@ def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[Publish
     parts = ("preparation", "training", "total")
     out += _table([label, ("n", lambda g: len(g.runs)), *map(_time, parts), *map(_cost, parts)], groups)
     if published:  # IPU rows: the guide's own numbers beside ours, never presented as measured
-        out += ["| " + " | ".join(row) + " |" for row in _PUBLISHED_ROWS]
+        out += ["| " + " | ".join(row) + " |" for row in PUBLISHED_ROWS]
     out += ["", "## Where the training time goes", ""]
     first = lambda g: g.runs[0].identity  # noqa: E731 - repeats share it (checked when grouping)
     out += _table(
@@ -143,6 +102,13 @@ def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[Publish
         ],
         groups,
     )
+    out += ["", "## Each run", ""]
+    out += _table(
+        [("flavor", lambda pair: pair[0].label), ("run", lambda pair: pair[1].run_dir),
+         *((name, lambda pair, q=q: format_duration(getattr(pair[1], q))) for name, q in _RUN_COLUMNS),
+         ("train images/s", lambda pair: f"{pair[1].train_images_per_s:.1f}")],
+        [(g, run) for g in groups for run in g.runs],
+    )  # fmt: skip
     out += [
         "",
         f"## At {k:g}x the data: set-up and compilation kept, per-image work and preparation scaled",
@@ -201,12 +167,15 @@ _METHOD = """\
   measured preparation + training (extraction runs inside the download's time).
 - training = the run's wall time from its config to its summary (fit, validation, test, export, plots);
   process start-up and imports before it are not included.
-- per-image work = epochs x train images / train images/s + evaluated images / eval images/s, at the
+- per-image work = epochs x trained images / train images/s + evaluated images / eval images/s, at the
   throughputs measured after warm-up; fixed = training - per-image work (set-up, compilation, warm-up,
   checkpoints, export, plots). At {k}: preparation and per-image work x k, fixed kept; naive = the whole
   1x total x k (the guide's method); difference = naive - ours.
-- money = seconds / 3600 x the flavor's price per hour for the whole machine."""
+- money = seconds / 3600 x the flavor's price per hour for the whole machine; ± is the sample standard
+  deviation over the repeats (on a shared machine it mostly measures the other load)."""
 
+_RUN_COLUMNS = (("preparation", "preparation"), ("training", "training"), ("fixed", "fixed"),
+                ("per-image", "per_image"))  # fmt: skip
 _QUANTITIES = (
     "preparation",
     "training",
