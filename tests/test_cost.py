@@ -229,6 +229,7 @@ def test_a_run_directory_without_summary_is_named(tmp_path: Path) -> None:
         ({"timing": {"total": None}}, r"timing\.total is missing"),
         ({"throughput": {"train_images_per_s": None}}, r"throughput\.train_images_per_s is missing"),
         ({"resumed_from": "/runs/x/checkpoints/last.ckpt"}, "resumed from"),
+        ({"throughput": {"train_images_per_s": 0}}, "not a measured rate"),
     ],
 )
 def test_an_incomplete_summary_is_named(tmp_path: Path, changes: dict, message: str) -> None:
@@ -282,6 +283,18 @@ def test_mixed_experiments_under_one_flavor_build_no_table(tmp_path: Path, chang
     argv += ["--flavor", "cpu_vm=*/runs/*"]
     assert main(argv) == 2
     assert not out.exists()
+
+
+def test_runs_of_different_models_are_not_repeats(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path / "a"), write_run(tmp_path / "b")]
+    for run, backbone in zip(runs, ("test_vit", "vit_base_patch16_224.orig_in21k"), strict=True):
+        (run / "config.yaml").write_text(f"model:\n  backbone: {backbone}\n")
+    with pytest.raises(ValueError, match="backbone: 'test_vit' vs 'vit_base_patch16_224.orig_in21k'"):
+        group_runs([load_run(run) for run in runs], {})
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "summary.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a run summary"):
+        load_run(tmp_path / "list")
 
 
 def test_cli_names_a_bad_flavor_argument_and_a_missing_run(

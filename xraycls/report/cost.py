@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from xraycls.report.flavor import Flavor
 
 __all__ = [
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 SUMMARY = "summary.json"
-# What must agree between repeats of one experiment under one flavor.
+# What must agree between repeats of one experiment under one flavor (backbone: from config.yaml).
 _IDENTITY = ("task_name", "split", "source", "image_size", "input_size", "global_batch", "images", "epochs")
 
 
@@ -101,6 +103,8 @@ def load_run(run_dir: str | Path) -> RunCost:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: unreadable ({error})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not a run summary (a JSON object), got {type(summary).__name__}")
     if summary.get("resumed_from"):
         raise ValueError(
             f"{path}: the run resumed from {summary['resumed_from']}; its timings cover only the part after "
@@ -118,6 +122,8 @@ def load_run(run_dir: str | Path) -> RunCost:
         total -= prepare  # the run built the cache: those seconds are preparation, not training
         notes.append("built the cache itself: its prepare seconds moved from training to preparation")
     train_rate = _number(summary, "throughput.train_images_per_s", path)
+    if train_rate <= 0:
+        raise ValueError(f"{path}: throughput.train_images_per_s is {train_rate}, not a measured rate")
     per_image = len(epochs) * _trained_images(images["train"], summary.get("hardware") or {}) / train_rate
     per_image += _eval_seconds(summary, timing, images, path, notes)
     training = total
@@ -127,7 +133,7 @@ def load_run(run_dir: str | Path) -> RunCost:
             f"({training:.1f} s): throughput varied within the run; fixed time comes out negative"
         )
     identity = {key: data.get(key) for key in _IDENTITY if key not in ("task_name", "epochs")}
-    identity.update(task_name=summary.get("task_name"), epochs=len(epochs))
+    identity.update(task_name=summary.get("task_name"), epochs=len(epochs), backbone=_backbone(run_dir))
     return RunCost(
         run_dir=run_dir,
         identity=identity,
@@ -143,6 +149,16 @@ def load_run(run_dir: str | Path) -> RunCost:
         train_images_per_s=train_rate,
         notes=tuple(notes),
     )
+
+
+def _backbone(run_dir: Path) -> str | None:
+    """model.backbone from the run's resolved config.yaml (summary.json does not name the model)."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    model = config.get("model") if isinstance(config, dict) else None
+    return str(model.get("backbone")) if isinstance(model, dict) and model.get("backbone") else None
 
 
 def _trained_images(train: int, hardware: dict) -> int:
