@@ -17,23 +17,20 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO_SIZE, compose_cfg, demo_overrides
 from PIL import Image
-from test_train import compose_cfg, demo_overrides
 
 from xraycls.data.images import load_xray
 from xraycls.data.labels import read_label_file
-from xraycls.data.synthetic import make_synthetic_nih, planted_signal_boxes
+from xraycls.data.synthetic import planted_signal_boxes
 from xraycls.findings import FINDINGS, LABELS, NUM_LABELS
 from xraycls.inference.bundle import ModelBundle, load_bundle, make_preprocessing
 from xraycls.inference.heatmaps import DISCLAIMER, HEATMAP_METHOD, heatmap, heatmaps, save_heatmaps
 from xraycls.inference.thresholds import choose_thresholds
 from xraycls.model.backbone import TINY_BACKBONE, create_backbone
-from xraycls.training import run_training
 
-DEMO_IMAGES, DEMO_SIZE = 600, 128  # the data `make demo` makes, as in test_train
 # The demo as `make demo` trains it (test auroc_macro14 ~0.97): at 20 epochs (~0.89) the maps still found
 # the marks (5.8x) but told two findings of one image apart only in 62% of pairs.
-DEMO_EPOCHS = 40
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,14 +43,10 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """(synthetic raw folder, run directory, summary) of one demo training run."""
-    data = tmp_path_factory.mktemp("data")
-    make_synthetic_nih(data / "demo" / "raw", DEMO_IMAGES, size=DEMO_SIZE, seed=0, min_prevalence=0.08)
-    run_dir = tmp_path_factory.mktemp("demo_run")
-    overrides = demo_overrides(data, f"trainer.max_epochs={DEMO_EPOCHS}", "plots=false")
-    summary = run_training(compose_cfg(overrides, run_dir))
-    return data / "demo" / "raw", run_dir, summary
+def demo(data_dir: Path, demo_run: tuple[Path, dict, float]) -> tuple[Path, Path, dict]:
+    """(synthetic raw folder, run directory, summary) of the session's demo training run (conftest)."""
+    run_dir, summary, _seconds = demo_run
+    return data_dir / "demo" / "raw", run_dir, summary
 
 
 @pytest.fixture(scope="module")

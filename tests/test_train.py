@@ -9,44 +9,21 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT_ROOT
-from hydra import compose, initialize_config_dir
+from conftest import CONF_DIR, PROJECT_ROOT, compose_cfg, demo_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from xraycls.data.cache import open_cache
-from xraycls.data.synthetic import make_synthetic_nih
 from xraycls.findings import FINDINGS, LABELS
 from xraycls.inference.bundle import load_bundle
 from xraycls.training import run_training
 
-CONF_DIR = PROJECT_ROOT / "conf"
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
-# The data `make demo` makes: enough positives per finding in every split for a stable AUROC.
-DEMO_IMAGES, DEMO_SIZE = 600, 128
-
-
-def compose_cfg(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """paths.data_dir holding demo/raw: the synthetic set `make demo` makes, smaller."""
-    data = tmp_path_factory.mktemp("data")
-    make_synthetic_nih(data / "demo" / "raw", DEMO_IMAGES, size=DEMO_SIZE, seed=0, min_prevalence=0.08)
-    return data
-
-
-def demo_overrides(data_dir: Path, *extra: str) -> list[str]:
-    return ["experiment=demo", f"paths.data_dir={data_dir}", f"paths.runs_dir={data_dir}/runs", *extra]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -74,14 +51,6 @@ def test_a_wrong_setting_stops_before_any_work(data_dir: Path, tmp_path: Path) -
     with pytest.raises(ValueError, match="by_vibes"):
         run_training(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-@pytest.fixture(scope="module")
-def demo_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
-    run_dir = tmp_path_factory.mktemp("demo_run")
-    start = time.perf_counter()
-    summary = run_training(compose_cfg(demo_overrides(data_dir), run_dir))
-    return run_dir, summary, time.perf_counter() - start
 
 
 def test_demo_learns_the_planted_signal(demo_run: tuple[Path, dict, float]) -> None:
