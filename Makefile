@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 DEMO_DIR := $(DATA_DIR)/demo
 
-.PHONY: demo test lint install clean-demo benchmarks
+.PHONY: demo test test-fast lint install clean-demo benchmarks
 
 # Reinstall only when the dependency list changes; the editable install picks up code changes by itself.
 $(STAMP): pyproject.toml
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The suite without the tests marked slow (DDP, resume after a kill, multirun): a quicker local loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
