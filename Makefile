@@ -40,6 +40,7 @@ lint: $(STAMP)
 benchmarks: $(STAMP)
 	$(PY) experiments/benchmarks/prepare_throughput.py
 	$(PY) experiments/benchmarks/loader_throughput.py
+	$(PY) experiments/benchmarks/train_throughput.py --ablations
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
