@@ -34,20 +34,12 @@ from xraycls.report.preparation import preparation_timing
 from xraycls.report.summary import collect_versions, write_json
 from xraycls.report.timing import RunTimer
 
-__all__ = ["run_training", "resolve_precision", "find_resume_checkpoint", "SUMMARY_NAME"]
+__all__ = ["run_training", "find_resume_checkpoint", "SUMMARY_NAME"]
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.json"
 _HEADLINE_KEYS = ("split", "loss", "auroc_macro14", "auroc_macro15", "auroc_seed_compat")
-
-
-def resolve_precision(precision: str | int | None, accelerator: str) -> str:
-    """`auto` -> bf16-mixed where a CUDA GPU will run the step, else 32-true; anything else unchanged."""
-    if precision not in (None, "auto"):
-        return str(precision)
-    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if uses_gpu else "32-true"
 
 
 def find_resume_checkpoint(
