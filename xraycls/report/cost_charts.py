@@ -31,8 +31,8 @@ def _parts(group: CostGroup, k: float) -> dict[str, float]:
 
 def plot_cost_bars(groups: Sequence[CostGroup], scale: float, out: Path, *, money: bool) -> Path:
     """Write a PNG of two panels (1x, k x): per group, ours stacked preparation / fixed / per-image with the
-    std of the total as an error bar, and at k x the naive linear estimate hatched beside it. Seconds (hours
-    at k x) or, with money=True, the flavors' currency (unpriced groups: 0)."""
+    std of the total as an error bar and each run as a dot, and at k x the naive linear estimate hatched
+    beside it. Seconds (hours at k x) or, with money=True, the flavors' currency (unpriced groups: 0)."""
     fig = Figure(figsize=(max(7.0, 2.4 * len(groups) + 4), 4.4), layout="constrained")
     x = np.arange(len(groups))
     for panel, k in enumerate((1.0, scale)):
@@ -52,8 +52,14 @@ def plot_cost_bars(groups: Sequence[CostGroup], scale: float, out: Path, *, mone
             values = np.array([convert(_parts(g, k)[part], g) for g in groups])
             ax.bar(x + shift, values, width, bottom=bottom, color=color, label=part.replace("_", "-"))
             bottom += values
-        spread = [convert(g.scaled_stat("total", k).std, g) for g in groups]
-        ax.errorbar(x + shift, bottom, yerr=spread, fmt="none", ecolor="black", capsize=3)
+        spread = np.array([convert(g.scaled_stat("total", k).std, g) for g in groups])
+        # Times cannot go below 0: the lower whisker stops there; each run is drawn as a dot.
+        ax.errorbar(x + shift, bottom, yerr=[np.minimum(spread, bottom), spread], fmt="none", ecolor="black",
+                    capsize=3)  # fmt: skip
+        for i, group in enumerate(groups):
+            runs = [convert(run.scaled(k)["total"], group) for run in group.runs]
+            ax.scatter(np.full(len(runs), x[i] + shift), runs, s=14, color="black", zorder=3,
+                       label="each run" if i == 0 else None)  # fmt: skip
         if k != 1.0:
             naive = [convert(g.scaled_stat("naive", k).mean, g) for g in groups]
             ax.bar(x + 0.19, naive, width, color="white", edgecolor="black", hatch="//", label="naive linear")
