@@ -442,3 +442,19 @@ def test_a_real_run_summary_prices_and_extrapolates(tmp_path: Path) -> None:
     (group,) = group_runs([run], load_flavors(PROJECT_ROOT / "conf" / "flavor"))
     assert group.flavor is not None and group.flavor.name == "cpu_vm"
     assert group.scaled_stat("total", 1.0).mean == pytest.approx(run.total)
+
+
+def test_the_committed_worked_example_matches_the_code(tmp_path: Path) -> None:
+    """experiments/cost_study/example_cpu_demo: its three summaries still load, price as cpu_vm, and give the
+    committed report's group numbers."""
+    example = PROJECT_ROOT / "experiments" / "cost_study" / "example_cpu_demo"
+    runs = [load_run(path) for path in sorted((example / "runs" / "cpu").glob("seed_*"))]
+    (group,) = group_runs(runs, load_flavors(PROJECT_ROOT / "conf" / "flavor"))
+    assert group.label == "cpu_vm" and len(group.runs) == 3
+    with open(example / "report" / "cost_groups.csv") as handle:
+        (committed,) = list(csv.DictReader(handle))
+    for name, stat in (("training_s", group.stat("training")), ("fixed_s", group.stat("fixed")),
+                       ("scaled_total_s", group.scaled_stat("total", 500)),
+                       ("total_cost", group.stat("total", money=True))):  # fmt: skip
+        assert float(committed[f"{name}_mean"]) == pytest.approx(stat.mean), name
+        assert float(committed[f"{name}_std"]) == pytest.approx(stat.std), name
