@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import cv2
 import numpy as np
 import pytest
@@ -48,6 +50,22 @@ def test_train_transform_is_reproducible_from_its_seed() -> None:
     second.set_random_seed(123)
     for _ in range(3):
         np.testing.assert_array_equal(first(image=image)["image"], second(image=image)["image"])
+
+
+def test_a_seeded_pipeline_has_its_own_generator() -> None:
+    """Draws elsewhere do not change its output, and it leaves the caller's `random` state as it was (on
+    albumentations 1.4, the legacy stack, this is our `_SeededCompose`; 2.x has it built in)."""
+    image = _gradient_image()
+    quiet, busy = build_train_transform(56), build_train_transform(56)
+    quiet.set_random_seed(5)
+    busy.set_random_seed(5)
+    expected = [quiet(image=image)["image"] for _ in range(3)]
+    for output in expected:
+        state = random.getstate()
+        random.random()  # the caller draws between the pipeline's calls
+        after_draw = random.getstate()
+        np.testing.assert_array_equal(busy(image=image)["image"], output)
+        assert random.getstate() == after_draw != state
 
 
 def test_eval_transform_is_a_deterministic_area_resize() -> None:

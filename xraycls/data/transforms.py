@@ -3,12 +3,18 @@
 Workers only crop, warp and adjust uint8 grayscale images (HxW in, HxW out), so batches cross to the
 accelerator as uint8, a quarter of the bytes of float32. `DeviceNormalize` is the one place where uint8
 becomes model input: float32, scaled, normalised and repeated to 3 channels.
+
+Runs on albumentations 2.0 (the main stack) and 1.4 (the legacy IPU stack, where torch 2.0.1 and Lightning
+2.0.9 leave pip no 2.x release; see requirements/legacy.txt): `_affine_border` and `_compose` are the only
+places that differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -16,6 +22,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["TrainAugment", "build_train_transform", "build_eval_transform", "DeviceNormalize"]
+
+_ALBUMENTATIONS_1 = int(A.__version__.split(".")[0]) < 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +107,7 @@ def build_train_transform(input_size: int, **augment: object) -> A.Compose:
             scale=settings.scale,
             translate_percent=(-settings.translate, settings.translate),
             interpolation=cv2.INTER_LINEAR,
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
+            **_affine_border(fill=0),
             p=settings.affine_p,
         ),
         A.RandomBrightnessContrast(
@@ -111,13 +118,50 @@ def build_train_transform(input_size: int, **augment: object) -> A.Compose:
     ]
     if settings.hflip_p > 0:
         steps.append(A.HorizontalFlip(p=settings.hflip_p))
-    return A.Compose(steps)
+    return _compose(steps)
 
 
 def build_eval_transform(input_size: int) -> A.Compose:
     """Deterministic resize to `input_size` squared (area interpolation); HxW uint8 in and out."""
     _check_size(input_size)
-    return A.Compose([A.Resize(input_size, input_size, interpolation=cv2.INTER_AREA)])
+    return _compose([A.Resize(input_size, input_size, interpolation=cv2.INTER_AREA)])
+
+
+def _affine_border(fill: float) -> dict[str, Any]:
+    """`A.Affine`'s constant-border keywords: `border_mode`/`fill` in 2.x, `mode`/`cval` in 1.4."""
+    if _ALBUMENTATIONS_1:
+        return {"mode": cv2.BORDER_CONSTANT, "cval": fill}
+    return {"border_mode": cv2.BORDER_CONSTANT, "fill": fill}
+
+
+def _compose(steps: Sequence[A.BasicTransform]) -> A.Compose:
+    return _SeededCompose(list(steps)) if _ALBUMENTATIONS_1 else A.Compose(list(steps))
+
+
+class _SeededCompose(A.Compose):
+    """albumentations 1.4's `Compose` with 2.x's `set_random_seed(seed)`: a pipeline with its own generator.
+
+    1.4 draws every random choice from Python's global `random` (numpy states are derived from it). Once
+    seeded, each call swaps the pipeline's own state in and the caller's back out, so the datasets' per-worker
+    and per-sample seeding works as on 2.x and the global state is left as it was. Not thread-safe: the
+    DataLoader runs transforms in worker processes or in the one main thread.
+    """
+
+    _random: random.Random | None = None
+
+    def set_random_seed(self, seed: int | None) -> None:
+        self._random = random.Random(seed)
+
+    def __call__(self, *args: Any, **data: Any) -> dict[str, Any]:
+        if self._random is None:
+            return super().__call__(*args, **data)
+        caller_state = random.getstate()
+        random.setstate(self._random.getstate())
+        try:
+            return super().__call__(*args, **data)
+        finally:
+            self._random.setstate(random.getstate())
+            random.setstate(caller_state)
 
 
 def _per_channel(value: float | Sequence[float], channels: int, name: str) -> Tensor:
