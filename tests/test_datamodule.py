@@ -402,7 +402,7 @@ def test_training_batches_depend_on_the_data_seed_and_epoch_only(cache_dir: Path
     """Order and augmentation come from (seed, epoch): not from global RNG state nor the worker count."""
 
     def first_batch(seed: int, workers: int, epoch: int = 0, global_seed: int = 0) -> tuple:
-        L.seed_everything(global_seed, verbose=False)
+        L.seed_everything(global_seed)  # no `verbose=`: Lightning 2.0.9 (the legacy stack) lacks it
         loader = _datamodule(cache_dir, num_workers=workers, seed=seed).train_dataloader()
         loader.sampler.set_epoch(epoch)
         return next(iter(loader))
