@@ -1,6 +1,6 @@
 """Heatmaps and operating thresholds on one demo training run (trained once for this module).
 
-Heatmaps (HiResCAM on the last block's input tokens): the heat falls on each finding's planted signal
+Heatmaps (HiResCAM averaged over the blocks' input tokens): the heat falls on each finding's planted signal
 (`planted_signal_boxes`) far more than elsewhere, and on that finding's mark more than on another
 positive finding's, on test images the model never trained on; overlays are written and titled; CLS-token
 ViTs (ViT-B/16 included) get a non-degenerate, class-dependent map too. Thresholds: the run chose them on
@@ -29,8 +29,9 @@ from xraycls.inference.heatmaps import DISCLAIMER, HEATMAP_METHOD, heatmap, heat
 from xraycls.inference.thresholds import choose_thresholds
 from xraycls.model.backbone import TINY_BACKBONE, create_backbone
 
-# The demo as `make demo` trains it (test auroc_macro14 ~0.97): at 20 epochs (~0.89) the maps still found
-# the marks (5.8x) but told two findings of one image apart only in 62% of pairs.
+# The demo as `make demo` trains it (test auroc_macro14 ~0.97). The thresholds below hold with a margin on
+# each of five demo models measured (seeds 0-3; seed 0 with 1 and with 2 torch threads): the session's
+# run may be any of them, since its numerics depend on the thread count and on which test trains it.
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,8 +89,8 @@ def maps(demo: tuple[Path, Path, dict], test_positives: list) -> list[tuple[list
 
 def test_heat_falls_on_the_planted_signal(maps: list) -> None:
     """Over every (test image, positive finding) pair: the mean heat inside that finding's box is at least
-    4x the mean heat outside it (measured 7.3x), and higher inside than outside for at least 85% of the
-    pairs (measured 95%)."""
+    2.5x the mean heat outside it (measured 3.3x-4.3x on five demo models), and higher inside than outside
+    for at least 90% of the pairs (measured 98%-100%; the last block alone: 35%-95%)."""
     boxes = planted_signal_boxes(DEMO_SIZE)
     inside, outside = [], []
     for found, heats in maps:
@@ -101,14 +102,15 @@ def test_heat_falls_on_the_planted_signal(maps: list) -> None:
             outside.append(heat[~mask].mean())
     inside, outside = np.array(inside), np.array(outside)
     assert len(inside) >= 100, len(inside)  # many images and every finding, not a lucky few
-    assert inside.mean() >= 4.0 * outside.mean(), (inside.mean(), outside.mean())
-    assert (inside > outside).mean() >= 0.85, (inside > outside).mean()
+    assert inside.mean() >= 2.5 * outside.mean(), (inside.mean(), outside.mean())
+    assert (inside > outside).mean() >= 0.90, (inside > outside).mean()
 
 
 def test_each_findings_map_prefers_its_own_mark(maps: list) -> None:
     """On images with several findings, finding f's map is hotter in f's box than in another positive
-    finding's box: mean 2x or more (measured 0.61 vs 0.15), in at least 75% of pairs (measured 87%).
-    A class-agnostic map (attention rollout, or Grad-CAM on the output tokens: 53%) fails this."""
+    finding's box: mean 2x or more (measured 2.4x-2.9x on five demo models), in at least 80% of pairs
+    (measured 90%-95%). A class-agnostic map (attention rollout, or Grad-CAM on the output tokens: 53%)
+    fails this."""
     boxes = planted_signal_boxes(DEMO_SIZE)
     own, other = [], []
     for found, heats in maps:
@@ -120,7 +122,7 @@ def test_each_findings_map_prefers_its_own_mark(maps: list) -> None:
     own, other = np.array(own), np.array(other)
     assert len(own) >= 50, len(own)
     assert own.mean() >= 2.0 * other.mean(), (own.mean(), other.mean())
-    assert (own > other).mean() >= 0.75, (own > other).mean()
+    assert (own > other).mean() >= 0.80, (own > other).mean()
 
 
 def test_save_heatmaps_writes_one_titled_overlay_per_finding(

@@ -1,12 +1,14 @@
-"""Heatmaps: where the model found the evidence for one finding, by Grad-CAM on the last ViT block's tokens.
+"""Heatmaps: where the model found the evidence for one finding, by HiResCAM over every ViT block's tokens.
 
 Method: HiResCAM (Draelos & Carin 2020, arXiv:2011.08891), the Grad-CAM (Selvaraju et al. 2017) variant
-that keeps each token's own gradient. The activations A [T, D] are the T = gh x gw patch tokens entering
-the last block's attention (the output of ``blocks[-1].norm1``, pytorch-grad-cam's layer for ViTs; prefix
-tokens, CLS and registers, dropped); G [T, D] is the gradient of the finding's LOGIT with respect to A;
-the map is ReLU(sum over D of G * A) on the patch grid, resized bilinearly to the input and divided by
-its maximum, so 1 marks the strongest evidence in this image (no positive evidence: all zeros). Values
-are relative within one image and finding, not probabilities.
+that keeps each token's own gradient, taken at every block and averaged. At block b the activations
+A_b [T, D] are the T = gh x gw patch tokens entering the block's attention (the output of
+``blocks[b].norm1``, pytorch-grad-cam's layer for ViTs is the last one; prefix tokens, CLS and registers,
+dropped); G_b [T, D] is the gradient of the finding's LOGIT with respect to A_b; the block's map is
+ReLU(sum over D of G_b * A_b) on the patch grid, resized bilinearly to the input and divided by its
+maximum. The heatmap is the mean of the block maps, divided by its maximum, so 1 marks the strongest
+evidence in this image (no positive evidence: all zeros). Values are relative within one image and
+finding, not probabilities.
 
 Why a gradient method and not attention rollout (Abnar & Zuidema 2020): rollout multiplies the attention
 maps of all layers and is the same whatever the finding, but the overlays are per finding: two findings
@@ -14,7 +16,8 @@ on one image must light up two places. A gradient of that finding's logit makes 
 Why the tokens entering the last block: in a CLS-token ViT (ViT-B/16) only the CLS token of the last
 block's output reaches the head, so the patch tokens there get zero gradient; entering the block they
 reach it through attention. Why per-token gradients (HiResCAM) rather than Grad-CAM's gradients averaged
-over tokens: measured on the 40-epoch demo model over its test images (synthetic marks, one box each),
+over tokens: measured on the 40-epoch demo model (seed 0) over its test images (synthetic marks, one box
+each),
 
     tokens, weights                    heat inside/outside the box   own box vs another positive's box
     last block input, HiResCAM         7.2x (94% of pairs)           0.61 vs 0.15 (87% of pairs)
@@ -22,8 +25,14 @@ over tokens: measured on the 40-epoch demo model over its test images (synthetic
     last block output, Grad-CAM        4.2x (98%)                    0.60 vs 0.56 (53%: not specific)
 
 (with average pooling every output token gets the same gradient, so Grad-CAM there marks anything the
-head likes, e.g. every planted mark, for every finding). Works on timm VisionTransformers
-(``patch_embed``, ``blocks[i].norm1``), CLS-token or pooled.
+head likes, e.g. every planted mark, for every finding). Why every block and not the last one alone:
+which block keeps the evidence in place differs from one training run to the next. Over five demo
+models (seeds 0-3, and seed 0 trained with 2 threads instead of 1: test auroc_macro14 0.92-0.97), the
+last block alone put more heat inside a finding's box than outside it in 35%-95% of the pairs, and each
+other single block did as badly on some model; the mean over the blocks did so in 98%-100% (3.3x-4.3x
+inside vs outside), and heated a finding's own box more than another positive finding's in 90%-95%
+(2.4x-2.9x).
+Works on timm VisionTransformers (``patch_embed``, ``blocks[i].norm1``), CLS-token or pooled.
 """
 
 from __future__ import annotations
@@ -49,23 +58,23 @@ __all__ = ["HEATMAP_METHOD", "DISCLAIMER", "heatmap", "heatmaps", "save_heatmaps
 
 log = logging.getLogger(__name__)
 
-HEATMAP_METHOD = "HiResCAM (Grad-CAM, per-token gradients) on the last ViT block's input tokens"
+HEATMAP_METHOD = "HiResCAM (Grad-CAM, per-token gradients) averaged over the ViT blocks' input tokens"
 DISCLAIMER = "aid to be checked by a radiologist, not a diagnosis"
 _OVERLAY_ALPHA = 0.45
 _DPI = 110
 
 
-def _vit_parts(model: nn.Module) -> tuple[tuple[int, int], int, nn.Module]:
-    """(patch grid (gh, gw), number of prefix tokens, the module whose output is the CAM activation)."""
+def _vit_parts(model: nn.Module) -> tuple[tuple[int, int], int, list[nn.Module]]:
+    """(patch grid (gh, gw), number of prefix tokens, the modules whose outputs are the CAM activations)."""
     patch_embed, blocks = getattr(model, "patch_embed", None), getattr(model, "blocks", None)
-    if patch_embed is None or not blocks or not hasattr(blocks[-1], "norm1"):
+    if patch_embed is None or not blocks or not all(hasattr(block, "norm1") for block in blocks):
         raise ValueError(
             f"heatmap: {type(model).__name__} is not a timm VisionTransformer (needs patch_embed and "
-            f"blocks[-1].norm1)"
+            f"blocks[i].norm1)"
         )
     prefix = getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
     grid_h, grid_w = (int(n) for n in patch_embed.grid_size)
-    return (grid_h, grid_w), int(prefix), blocks[-1].norm1
+    return (grid_h, grid_w), int(prefix), [block.norm1 for block in blocks]
 
 
 def heatmaps(model: nn.Module, image: Tensor, label_indices: Sequence[int]) -> list[np.ndarray]:
@@ -75,12 +84,15 @@ def heatmaps(model: nn.Module, image: Tensor, label_indices: Sequence[int]) -> l
     device; it runs on the model's device. Returns float32 [H, W] arrays in [0, 1].
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    (grid_h, grid_w), prefix, target = _vit_parts(model)
+    (grid_h, grid_w), prefix, targets = _vit_parts(model)
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
         raise ValueError(f"heatmap: image must be one normalised input [1, 3, H, W], got {list(image.shape)}")
     device = next(model.parameters()).device
     captured: list[Tensor] = []
-    handle = target.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    handles = [
+        target.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        for target in targets
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -89,34 +101,55 @@ def heatmaps(model: nn.Module, image: Tensor, label_indices: Sequence[int]) -> l
         with torch.inference_mode(False), torch.enable_grad():
             x = image.detach().clone().to(device=device, dtype=torch.float32).requires_grad_(True)
             logits = model(x)
-            tokens = captured[-1]
+            tokens = captured[-len(targets) :]  # one per block, in order
             num_outputs = logits.shape[1]
             bad = [i for i in label_indices if not 0 <= int(i) < num_outputs]
             if bad:
                 raise ValueError(f"heatmap: label indices {bad} outside the model's {num_outputs} outputs")
             grads = [
-                torch.autograd.grad(logits[0, int(i)], tokens, retain_graph=k < len(label_indices) - 1)[0]
+                torch.autograd.grad(logits[0, int(i)], tokens, retain_graph=k < len(label_indices) - 1)
                 for k, i in enumerate(label_indices)
             ]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    activations = tokens[0, prefix:].detach().float()
-    if activations.shape[0] != grid_h * grid_w:
+    activations = [block_tokens[0, prefix:].detach().float() for block_tokens in tokens]
+    if activations[0].shape[0] != grid_h * grid_w:
         raise ValueError(
-            f"heatmap: {activations.shape[0]} patch tokens for a {grid_h} x {grid_w} patch grid; the input "
-            f"{list(image.shape[2:])} is not the size the model was built for"
+            f"heatmap: {activations[0].shape[0]} patch tokens for a {grid_h} x {grid_w} patch grid; the "
+            f"input {list(image.shape[2:])} is not the size the model was built for"
         )
-    return [_cam(activations, grad[0, prefix:].float(), (grid_h, grid_w), image.shape[2:]) for grad in grads]
+    size = (int(image.shape[2]), int(image.shape[3]))
+    return [_mean_cam(activations, block_grads, prefix, (grid_h, grid_w), size) for block_grads in grads]
 
 
-def _cam(activations: Tensor, grad: Tensor, grid: tuple[int, int], size: Sequence[int]) -> np.ndarray:
+def _mean_cam(
+    activations: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    prefix: int,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+) -> np.ndarray:
+    """The mean of the blocks' normalised HiResCAM maps, normalised: float32 [H, W] in [0, 1]."""
+    maps = [
+        _normalised(_cam(acts, grad[0, prefix:].float(), grid, size))
+        for acts, grad in zip(activations, grads, strict=True)
+    ]
+    return _normalised(torch.stack(maps).mean(dim=0)).cpu().numpy().astype(np.float32)
+
+
+def _cam(activations: Tensor, grad: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
     # HiResCAM: each token's activation times its own gradient, summed over features (no token averaging).
     cam = torch.relu((grad * activations).sum(dim=1)).reshape(1, 1, *grid)
-    cam = F.interpolate(cam, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)[0, 0]
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _normalised(cam: Tensor) -> Tensor:
+    """`cam` / its maximum, in [0, 1]; all zeros where nothing is positive."""
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-    return cam.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
+    return cam.clamp(0.0, 1.0)
 
 
 def heatmap(model: nn.Module, image: Tensor, label_index: int) -> np.ndarray:
