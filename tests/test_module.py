@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from xraycls.findings import LABELS, NUM_LABELS
 from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS, create_backbone
+from xraycls.model.metrics import XrayMetrics
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.model.schedule import warmup_cosine_factor
 
@@ -183,7 +185,12 @@ def test_lr_schedule_steps_once_per_optimizer_step(tmp_path: Path) -> None:
     module = _module(lr=1e-3, warmup_ratio=0.5)
     probe = _ScheduleProbe()
     trainer = _trainer(
-        tmp_path, max_epochs=1, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[probe]
+        tmp_path,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        callbacks=[probe],
+        log_every_n_steps=1,
     )
     trainer.fit(module, _loader(8 * BATCH, seed=6))
 
@@ -193,6 +200,68 @@ def test_lr_schedule_steps_once_per_optimizer_step(tmp_path: Path) -> None:
     factor = warmup_cosine_factor(4, warmup_ratio=0.5)
     assert probe.lrs == pytest.approx([1e-3 * factor(step) for step in probe.steps_before])
     assert probe.logged_lrs == pytest.approx(probe.lrs, abs=1e-9)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts tensor -> Python value reads: on a GPU each one waits for every queued kernel."""
+
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.item.default,
+        torch.ops.aten.equal.default,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_batch_hooks_only_keep_outputs_and_log_on_the_loggers_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per batch the module keeps the detached logits and labels and reads nothing back to the host; it
+    logs `train/loss` and `lr` only on the steps the logger writes; the metrics update once per stage and
+    epoch, with every batch of it (the AUROC over all images, as a per-batch update would give)."""
+    updates: list[tuple[str, int]] = []
+    update = XrayMetrics.update
+
+    def record_update(self: XrayMetrics, logits: torch.Tensor, *args: Any) -> None:
+        updates.append((self.stage, len(logits)))
+        update(self, logits, *args)
+
+    monkeypatch.setattr(XrayMetrics, "update", record_update)
+    module = _module()
+    reads = _HostReads()
+    for hook in ("on_train_batch_end", "on_validation_batch_end"):
+        original = getattr(module, hook)
+
+        def counted(*args: Any, _original: Any = original) -> None:
+            with reads:
+                _original(*args)
+
+        monkeypatch.setattr(module, hook, counted)
+    logged: list[str] = []
+    log = module.log
+    monkeypatch.setattr(module, "log", lambda name, *a, **k: (logged.append(name), log(name, *a, **k))[1])
+
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    trainer = _trainer(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=3)
+    trainer.fit(module, _loader(8 * BATCH, seed=1, shuffle=True), _loader(3 * BATCH, seed=2))
+
+    assert reads.count == 0
+    assert updates == [("val", 3 * BATCH), ("train", 8 * BATCH)] * 2  # validation ends before its epoch
+    table = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    for key in ("train/loss", "lr"):
+        # 16 optimizer steps; Lightning writes after steps 3, 6, ..., 15 (its step column counts from 0).
+        assert table.dropna(subset=[key])["step"].tolist() == [2, 5, 8, 11, 14], key
+        assert logged.count(key) == 5, key  # nothing logged that the logger would not write
+    assert module.last_metrics["train"]["auroc_macro14"] > 0.5
+    assert trainer.progress_bar_metrics.keys() == {"val/loss", "val/auroc_macro14"}
 
 
 def test_pos_weight_changes_the_loss_as_computed_by_hand() -> None:

@@ -4,14 +4,17 @@ Batches are ``(images, labels)``: images float32 [B, 3, H, W], already normalise
 DataModule; labels float32 [B, 15] of 0/1 in `xraycls.findings.LABELS` order.
 
 The steps only compute: they return tensors and never log or touch a metric, so the same module runs
-under the IPU strategy (the step is traced and run on the IPU) and under `torch.compile`. Metric updates
-and `self.log` happen on the host, in the ``on_*_batch_end`` hooks (from what the step returned) and the
-``on_*_epoch_end`` hooks. Logged keys, with ``<stage>`` in train, val, test:
+under the IPU strategy (the step is traced and run on the IPU) and under `torch.compile`. The
+``on_*_batch_end`` hooks only keep each batch's detached logits and labels, on the device; the metrics are
+updated once per stage, in the ``on_*_epoch_end`` hooks. So no batch waits for the device: a per-batch
+metric update or progress-bar value costs a device-to-host read, which drains a GPU's queue every step.
+Logged keys, with ``<stage>`` in train, val, test:
 
-- per training batch: ``train/loss`` (this batch's) and ``lr`` (the lr it trained at; with layer decay
-  the head's, the highest);
+- on the training steps the logger writes (every ``trainer.log_every_n_steps``): ``train/loss`` (that
+  batch's) and ``lr`` (the lr it trained at; with layer decay the head's, the highest);
 - per epoch: ``<stage>/auroc_macro14``, ``<stage>/auroc_macro15``, ``<stage>/auroc_seed_compat``,
-  ``<stage>/auroc/<label>``, and ``val/loss``, ``test/loss``, ``train/loss_epoch``.
+  ``<stage>/auroc/<label>``, and ``val/loss``, ``test/loss``, ``train/loss_epoch``; the progress bar
+  shows ``val/loss`` and ``val/auroc_macro14``.
 
 The last val and test results stay in `last_metrics` (the dict of `XrayMetrics.compute`) for the run's
 summary.json.
@@ -105,8 +108,10 @@ class XrayClassifier(L.LightningModule):
         self.val_metrics = XrayMetrics(LABELS, "val")
         self.test_metrics = XrayMetrics(LABELS, "test")
         self.last_metrics: dict[str, dict[str, Any]] = {}
+        # This epoch's (logits, labels) per batch, detached, on the device, per stage.
+        self._epoch_outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"train": [], "val": [], "test": []}
         # Host copies of the last validation and test passes (probabilities, labels): ROC plots, thresholds.
-        self._eval_outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"val": [], "test": []}
+        self._eval_outputs: dict[str, tuple[Tensor, Tensor] | None] = {"val": None, "test": None}
         self._batch_lr: float | None = None
         if compile:
             self.backbone.compile()
@@ -152,34 +157,43 @@ class XrayClassifier(L.LightningModule):
 
     def on_train_batch_end(self, outputs: dict[str, Tensor], batch: Any, batch_idx: int) -> None:
         logits, labels = outputs["logits"], outputs["labels"]
+        self._keep_batch("train", outputs)
+        if not self._logger_writes_this_step():
+            return  # self.log costs ~1 ms of host time per call, and its value would never be written
         # Lightning divides outputs["loss"] by accumulate_grad_batches; recompute the batch's own loss.
+        # Not in the progress bar: Lightning reads every bar value back to the host after every batch.
         loss = self.loss(logits, labels)
-        self.train_metrics.update(logits, labels, loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(logits))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(logits))
         if self._batch_lr is not None:
             self.log("lr", self._batch_lr, on_step=True, on_epoch=False, batch_size=len(logits))
+
+    def _logger_writes_this_step(self) -> bool:
+        # Lightning writes step values when (batches that stepped, this one included) % n == 0; after the
+        # optimizer step global_step counts this batch (an accumulating batch is never written anyway).
+        every = self.trainer.log_every_n_steps
+        return every > 0 and self.trainer.global_step % every == 0
 
     def on_validation_batch_end(
         self, outputs: dict[str, Tensor], batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.val_metrics.update(outputs["logits"], outputs["labels"], outputs["loss"])
-        self._keep_outputs("val", outputs)
+        self._keep_batch("val", outputs)
 
     def on_test_batch_end(
         self, outputs: dict[str, Tensor], batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.test_metrics.update(outputs["logits"], outputs["labels"], outputs["loss"])
-        self._keep_outputs("test", outputs)
+        self._keep_batch("test", outputs)
 
-    def _keep_outputs(self, stage: str, outputs: dict[str, Tensor]) -> None:
-        probs = torch.sigmoid(outputs["logits"].detach().float())
-        self._eval_outputs[stage].append((probs.cpu(), outputs["labels"].detach().float().cpu()))
+    def _keep_batch(self, stage: str, outputs: dict[str, Tensor]) -> None:
+        self._epoch_outputs[stage].append((outputs["logits"].detach(), outputs["labels"].detach()))
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_outputs["train"] = []
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_outputs["val"] = []
+        self._epoch_outputs["val"] = []
 
     def on_test_epoch_start(self) -> None:
-        self._eval_outputs["test"] = []
+        self._epoch_outputs["test"] = []
 
     def eval_outputs(self, stage: str) -> tuple[np.ndarray, np.ndarray] | None:
         """This process's last `stage` ("val" or "test") pass: probabilities and labels, float32 [N, 15]
@@ -189,10 +203,10 @@ class XrayClassifier(L.LightningModule):
                 f"eval_outputs: stage must be one of {sorted(self._eval_outputs)}, got {stage!r}"
             )
         kept = self._eval_outputs[stage]
-        if not kept:
+        if kept is None:
             return None
-        probs, labels = zip(*kept, strict=True)
-        return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        probs, labels = kept
+        return probs.numpy(), labels.numpy()
 
     def test_outputs(self) -> tuple[np.ndarray, np.ndarray] | None:
         """`eval_outputs("test")`."""
@@ -203,8 +217,7 @@ class XrayClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # a couple of batches: no meaningful AUROC, keep nothing
-            self.val_metrics.reset()
-            self._eval_outputs["val"] = []
+            self._epoch_outputs["val"] = []
             return
         self._log_epoch("val")
 
@@ -213,17 +226,30 @@ class XrayClassifier(L.LightningModule):
 
     def _log_epoch(self, stage: str) -> None:
         metrics: XrayMetrics = getattr(self, f"{stage}_metrics")
+        self._update_metrics(stage, metrics)
         values = metrics.compute()
         metrics.reset()
         self.last_metrics[stage] = values
         loss_key = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
-        flat = {loss_key: values["loss"]}
-        for name in ("auroc_macro14", "auroc_macro15", "auroc_seed_compat"):
-            flat[f"{stage}/{name}"] = values[name]
+        headline = {loss_key: values["loss"], f"{stage}/auroc_macro14": values["auroc_macro14"]}
+        rest = {f"{stage}/{name}": values[name] for name in ("auroc_macro15", "auroc_seed_compat")}
         for label, value in values["auroc_per_finding"].items():
-            flat[f"{stage}/auroc/{label}"] = value
+            rest[f"{stage}/auroc/{label}"] = value
         # Every rank holds the same gathered values; sync_dist only keeps Lightning's DDP advice quiet.
-        self.log_dict(flat, on_step=False, on_epoch=True, sync_dist=True)
+        self.log_dict(headline, on_step=False, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
+        self.log_dict(rest, on_step=False, on_epoch=True, sync_dist=True)
+
+    def _update_metrics(self, stage: str, metrics: XrayMetrics) -> None:
+        """One metric update with the epoch's batches: this process's share, gathered by `compute`."""
+        kept, self._epoch_outputs[stage] = self._epoch_outputs[stage], []
+        if not kept:
+            return
+        logits = torch.cat([batch_logits for batch_logits, _ in kept])
+        labels = torch.cat([batch_labels for _, batch_labels in kept])
+        # The mean over the epoch's images, as a batch-size-weighted mean of batch losses would give.
+        metrics.update(logits, labels, self.loss(logits, labels))
+        if stage in self._eval_outputs:
+            self._eval_outputs[stage] = (torch.sigmoid(logits.float()).cpu(), labels.float().cpu())
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over `param_groups`, and `warmup_cosine` stepped per optimizer step over the whole run."""
