@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from xraycls.data.cache import open_cache
 from xraycls.findings import FINDINGS, LABELS
 from xraycls.inference.bundle import load_bundle
-from xraycls.training import run_training
+from xraycls.training import instantiate_callbacks, run_training
 
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -34,6 +34,19 @@ def test_every_experiment_composes_and_instantiates(experiment: str, tmp_path: P
     assert datamodule.hparams.split == resolved["data"]["split"]
     assert resolved["model"]["lr"] == resolved["optim"]["lr"]
     assert resolved["model"]["img_size"] == resolved["data"]["input_size"]
+
+
+def test_progress_bar_refreshes_every_10_batches_and_the_trainer_flag_turns_it_off(tmp_path: Path) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+    bars = [cb for cb in instantiate_callbacks(compose_cfg([], tmp_path)) if isinstance(cb, ProgressBar)]
+    assert len(bars) == 1 and isinstance(bars[0], TQDMProgressBar) and bars[0].refresh_rate == 10
+    cfg = compose_cfg(["trainer.enable_progress_bar=false"], tmp_path)
+    callbacks = instantiate_callbacks(cfg)
+    assert not any(isinstance(cb, ProgressBar) for cb in callbacks) and callbacks  # the others stay
+    trainer = L.Trainer(enable_progress_bar=False, callbacks=callbacks, logger=False)  # would refuse a bar
+    assert trainer.progress_bar_callback is None
 
 
 def test_seed_reproduction_is_the_guides_recipe(tmp_path: Path) -> None:
@@ -105,7 +118,10 @@ def test_exported_model_reproduces_the_checkpoints_probabilities(
 
 
 def test_shuffled_training_labels_learn_nothing(data_dir: Path, tmp_path: Path) -> None:
-    cfg = compose_cfg(demo_overrides(data_dir, "shuffle_train_labels=true", "plots=false"), tmp_path)
+    overrides = demo_overrides(
+        data_dir, "shuffle_train_labels=true", "plots=false", "trainer.enable_progress_bar=false"
+    )
+    cfg = compose_cfg(overrides, tmp_path)
     summary = run_training(cfg)
     assert summary["shuffled_train_labels"] is True
     assert abs(summary["metrics"]["test"]["auroc_macro14"] - 0.5) < 0.1, summary["metrics"]["test"]

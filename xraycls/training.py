@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from xraycls.findings import LABELS
@@ -34,7 +34,7 @@ from xraycls.report.preparation import preparation_timing
 from xraycls.report.summary import collect_versions, write_json
 from xraycls.report.timing import RunTimer
 
-__all__ = ["run_training", "find_resume_checkpoint", "SUMMARY_NAME"]
+__all__ = ["run_training", "instantiate_callbacks", "find_resume_checkpoint", "SUMMARY_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,15 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The `callbacks` group's objects; `trainer.enable_progress_bar=false` drops its progress bar
+    (a plain Trainer refuses a bar callback with that setting: the flag wins, as users expect)."""
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar", True):
+        return callbacks
+    return [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
 
 
 def _hardware_plan(cfg: DictConfig) -> HardwarePlan:
@@ -205,7 +214,7 @@ def run_training(cfg: DictConfig) -> dict:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in hardware_args:  # passed as objects below, not merged into the config
         trainer_cfg.pop(key, None)
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+    callbacks = instantiate_callbacks(cfg)
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, **hardware_args
