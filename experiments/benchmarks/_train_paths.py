@@ -29,6 +29,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from _train_config import BenchConfig, DeviceBatches, Window, now, seeded, window
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from timm.optim import param_groups_weight_decay
 
@@ -45,7 +46,7 @@ class TrainerSetup:
     """How a `LightningPath` configures its Trainer (and whether the module does its per-batch host work)."""
 
     name: str
-    progress_bar: bool = True  # TQDMProgressBar, refreshed every batch
+    progress_bar_refresh_rate: int = 10  # the TQDMProgressBar of conf/callbacks/default.yaml; 0: no bar
     csv_logger: bool = True  # logger=csv, writing every `log_every_n_steps`
     log_every_n_steps: int = 10
     run_timer: bool = True  # the project's RunTimer callback (conf/callbacks/default.yaml)
@@ -216,13 +217,17 @@ class LightningPath:
             num_sanity_val_steps=0,
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=setup.progress_bar,
+            enable_progress_bar=setup.progress_bar_refresh_rate > 0,
             log_every_n_steps=setup.log_every_n_steps,
             logger=logger,
-            callbacks=[cb for cb in (timer, clock) if cb is not None],
+            callbacks=[cb for cb in (timer, clock, self._progress_bar()) if cb is not None],
             default_root_dir=self.workdir,
         )
         return trainer, clock, timer
+
+    def _progress_bar(self) -> TQDMProgressBar | None:
+        rate = self.setup.progress_bar_refresh_rate
+        return TQDMProgressBar(refresh_rate=rate) if rate > 0 else None
 
     def train(self, data: DeviceBatches | L.LightningDataModule) -> Window:
         trainer, clock, timer = self._trainer("fit")

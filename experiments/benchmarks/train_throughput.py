@@ -6,7 +6,8 @@ Paths (helpers in `_train_paths.py`), all measured after warm-up in the same pro
 - ``bare``: timm + (optionally) `torch.compile`, AdamW + per-step warm-up cosine, autocast for bf16, on
   synthetic batches already on the device and already normalised;
 - ``lightning_synthetic``: `XrayClassifier` + a real `lightning.Trainer` configured as the project's
-  defaults (progress bar, CSV logger every 10 steps, RunTimer), fed the same on-device batches;
+  defaults (progress bar refreshed every 10 batches, CSV logger every 10 steps, RunTimer), fed the same
+  on-device batches;
 - ``lightning_cache``: the same, fed from a synthetic uint8 cache (`make_synthetic_nih` + `prepare_cache`
   in a temporary folder) through the real `NIHDataModule` (workers, augmentation, device normalisation);
 - with ``--ablations``, `lightning_synthetic` made leaner step by step, as a user may configure it:
@@ -72,9 +73,9 @@ PRESETS = {
         eval_warmup_steps=5, eval_steps=15, repeats=3, threads=None,
     ),
 }  # fmt: skip
-_LEAN = dict(progress_bar=False, csv_logger=False, run_timer=False)
+_LEAN = dict(progress_bar_refresh_rate=0, csv_logger=False, run_timer=False)
 ABLATIONS = (
-    TrainerSetup("no_progress_bar", progress_bar=False),
+    TrainerSetup("no_progress_bar", progress_bar_refresh_rate=0),
     TrainerSetup("lean", **_LEAN),
     TrainerSetup("lean_no_host_metrics", **_LEAN, host_metrics=False),
 )
