@@ -116,6 +116,8 @@ def test_ddp_auroc_equals_the_single_process_auroc(ddp_run: tuple[Path, Path, di
             assert ddp["auroc_per_finding"][label] == pytest.approx(expected, abs=1e-6), (part, label)
         assert ddp["auroc_macro14"] == pytest.approx(single["auroc_macro14"], abs=1e-6)
         assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        if part == "val":  # the thresholds were chosen on both ranks' gathered rows: every image once
+            assert summary["thresholds"]["images"] == len(datamodule.datasets["val"])
     # 141 test images: the default sampler would have repeated one, and the AUROC would differ.
     assert len(datamodule.datasets["test"]) % 2 == 1
 

@@ -131,10 +131,11 @@ def _build_model(cfg: DictConfig, datamodule: Any) -> XrayClassifier:
     return instantiate(cfg.model, **overrides)
 
 
-def _write_plots(run_dir: Path, module: XrayClassifier, datamodule: Any) -> list[str]:
+def _write_plots(
+    run_dir: Path, test_outputs: tuple[np.ndarray, np.ndarray] | None, datamodule: Any
+) -> list[str]:
     plots_dir = run_dir / "plots"
     written = [str(path) for path in plot_training_curves(run_dir / "metrics.csv", plots_dir)]
-    test_outputs = module.test_outputs()
     if test_outputs is not None:
         probs, labels = test_outputs
         written.append(
@@ -165,13 +166,15 @@ def _threshold_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _validation_outputs(trainer: L.Trainer, model: XrayClassifier) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every rank's probabilities and labels of the last validation pass, float32 [N, 15] each.
+def _gathered_outputs(
+    trainer: L.Trainer, model: XrayClassifier, stage: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's probabilities and labels of the last `stage` ("val", "test") pass, float32 [N, 15] each.
 
     A collective with several processes: call it on every rank. Each image is seen once (the eval loaders
-    are unpadded under DDP), so the gathered rows are the whole validation set.
+    are unpadded under DDP), so the gathered rows are the whole split.
     """
-    local = model.eval_outputs("val")
+    local = model.eval_outputs(stage)
     if trainer.world_size == 1:
         return local
     width = len(LABELS)
@@ -245,11 +248,12 @@ def run_training(cfg: DictConfig) -> dict:
     # Validate the best checkpoint again so summary's val metrics belong to the exported weights.
     trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     val_metrics = model.last_metrics.get("val")
-    val_outputs = _validation_outputs(trainer, model)  # gathered before test, on every rank
-    test_metrics = None
+    val_outputs = _gathered_outputs(trainer, model, "val")  # on every rank
+    test_metrics = test_outputs = None
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         test_metrics = model.last_metrics.get("test")
+        test_outputs = _gathered_outputs(trainer, model, "test")
 
     data_summary = datamodule.data_summary()
     split_name = data_summary["split"]
@@ -283,7 +287,7 @@ def run_training(cfg: DictConfig) -> dict:
         if cfg.get("export_model"):
             summary["model_dir"] = str(_export(run_dir, model, datamodule, summary))
         if cfg.get("plots"):
-            summary["plots"] = _write_plots(run_dir, model, datamodule)
+            summary["plots"] = _write_plots(run_dir, test_outputs, datamodule)
         summary.setdefault("timing", {})["total"] = time.perf_counter() - started
         write_json(run_dir / SUMMARY_NAME, summary)
         for logger in trainer.loggers:
