@@ -17,9 +17,6 @@ LEGACY_REQUIREMENTS := requirements/legacy.txt
 LEGACY_TESTS := tests/test_legacy_stack.py tests/test_ipu.py tests/test_plan.py tests/test_module.py \
 	tests/test_backbone.py tests/test_schedule.py tests/test_metrics.py tests/test_datamodule.py \
 	tests/test_transforms.py
-# Deselected there by name, each for what the legacy stack lacks:
-# model.compile=true calls nn.Module.compile, which torch 2.2 added (the IPU path never compiles).
-LEGACY_DESELECT := --deselect tests/test_module.py::test_compile_flag_compiles_the_backbone_in_place
 
 .PHONY: demo test test-fast test-legacy lint install install-legacy clean-demo benchmarks
 
@@ -62,7 +59,7 @@ test-legacy: $(LEGACY_STAMP)
 	$(LEGACY_PY) -c 'import lightning, lightning_graphcore, torch; from lightning.pytorch.strategies import IPUStrategy; \
 		print("legacy stack: torch", torch.__version__, "lightning", lightning.__version__, \
 		"lightning-graphcore", lightning_graphcore.__version__, "IPUStrategy", IPUStrategy.__module__)'
-	$(LEGACY_PY) -m pytest -q $(LEGACY_TESTS) $(LEGACY_DESELECT)
+	$(LEGACY_PY) -m pytest -q $(LEGACY_TESTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -97,7 +97,7 @@ def test_ipu_trainer_arguments_build_lightnings_ipu_strategy_from_the_plan(
     strategy = arguments["strategy"]
     assert isinstance(strategy, core_ipu.IPUStrategy) and isinstance(arguments["accelerator"], IPUAccelerator)
     assert (arguments["devices"], arguments["num_nodes"], arguments["precision"]) == (4, 1, "16-mixed")
-    assert arguments["accumulate_grad_batches"] == plan.accumulation
+    assert arguments["accumulate_grad_batches"] == 1  # the device accumulates: one host batch, one step
     assert strategy.device_iterations == plan.device_iterations
     # Lightning keeps the options it was given (it builds its own only when none are passed).
     training, inference = strategy._training_opts, strategy._inference_opts

@@ -223,8 +223,9 @@ def ipu_trainer_arguments(
     gradient_clip_val: float | None = None,
 ) -> dict[str, Any]:
     """Trainer keyword arguments for an IPU plan: accelerator, strategy (with training and inference
-    options), devices (= replicas), num_nodes, accumulate_grad_batches, and precision (core Lightning) or
-    a precision plugin (lightning-graphcore). Fails first, with one message, where the stack is missing."""
+    options), devices (= replicas), num_nodes, accumulate_grad_batches (1, see below), and precision (core
+    Lightning) or a precision plugin (lightning-graphcore). Fails first, with one message, where the stack
+    is missing."""
     if gradient_clip_val:
         raise PlanError(
             f"optim.gradient_clip_val={gradient_clip_val!r}: Lightning's IPU strategy cannot clip gradients; "
@@ -242,7 +243,12 @@ def ipu_trainer_arguments(
         "strategy": strategy,
         "devices": plan.devices,
         "num_nodes": 1,
-        "accumulate_grad_batches": plan.accumulation,
+        # The accumulation happens on the device (Training.gradientAccumulation in the options): the
+        # poptorch DataLoader hands over micro x replicas x accumulation images per host batch, and one
+        # call of the training model takes the optimizer step. Lightning 2.0's loop must therefore step
+        # every batch (its IPUStrategy does not set handles_gradient_accumulation), or the lr schedule and
+        # global_step would advance once per `accumulation` optimizer steps.
+        "accumulate_grad_batches": 1,
     }
     if flavour == "core":
         arguments["precision"] = plan.precision

@@ -114,6 +114,11 @@ class XrayClassifier(L.LightningModule):
         self._eval_outputs: dict[str, tuple[Tensor, Tensor] | None] = {"val": None, "test": None}
         self._batch_lr: float | None = None
         if compile:
+            if not hasattr(self.backbone, "compile"):  # nn.Module.compile: torch >= 2.2 (not the IPU stack)
+                raise ValueError(
+                    f"model.compile=true needs torch >= 2.2 (nn.Module.compile); "
+                    f"this is torch {torch.__version__}"
+                )
             self.backbone.compile()
 
     def forward(self, images: Tensor) -> Tensor:
