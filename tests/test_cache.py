@@ -3,7 +3,6 @@ no-op reruns, several sizes, stale caches, bounded memory, and the real NIH samp
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from xraycls.data.cache import (
 )
 from xraycls.data.images import load_xray
 from xraycls.data.labels import read_label_file
+from xraycls.data.shared_sample import link_shared_sample
 from xraycls.data.splits import attach_official_split
 from xraycls.data.synthetic import LABEL_FILE_NAME, make_synthetic_nih
 from xraycls.findings import LABELS
@@ -339,18 +339,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> 
 @requires_nih
 def test_real_sample_images_prepare_with_their_labels(tmp_path: Path) -> None:
     manifest = pd.read_csv(NIH_SHARED / "sample_manifest.csv")
-    root = tmp_path / "nih"
-    (root / "images").mkdir(parents=True)
-    for name in manifest["Image Index"]:
-        (root / "images" / name).symlink_to(NIH_SHARED / "sample" / name)
-    wanted = set(manifest["Image Index"])
-    with gzip.open(NIH_SHARED / "Data_Entry_2017_v2020.csv.gz", "rt") as handle:
-        lines = handle.read().splitlines()
-    rows = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in wanted]
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(rows) + "\n")
-    for split, list_name in (("train_val", "train_val_list.txt"), ("test", "test_list.txt")):
-        chosen = manifest.loc[manifest["official_split"] == split, "Image Index"]
-        (root / list_name).write_text("\n".join(chosen))
+    root = link_shared_sample(NIH_SHARED, tmp_path / "nih")
     report = prepare_cache(root, tmp_path / "cache", size=SIZE, workers=1, progress=False)
     assert report["ok"] == 100 and report["corrupt"] == [] and report["missing"]["count"] == 0
     array, index = open_cache(tmp_path / "cache", SIZE)

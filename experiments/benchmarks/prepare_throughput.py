@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gzip
 import json
 import platform
 import shutil
@@ -30,11 +29,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from xraycls.data.cache import prepare_cache
 from xraycls.data.images import load_xray
+from xraycls.data.shared_sample import link_shared_sample
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 NIH_SHARED = PROJECT_ROOT.parent / "shared" / "nih"
@@ -51,25 +50,6 @@ def _pil_loop(paths: list[Path]) -> None:
 def _load_xray_loop(paths: list[Path]) -> None:
     for path in paths:
         load_xray(path, SIZE)
-
-
-def _make_root(base: Path) -> Path:
-    """A dataset folder of symlinks to the sample, its label rows and the official split lists."""
-    manifest = pd.read_csv(NIH_SHARED / "sample_manifest.csv")
-    root = base / "nih"
-    (root / "images").mkdir(parents=True)
-    for name in manifest["Image Index"]:
-        (root / "images" / name).symlink_to(NIH_SHARED / "sample" / name)
-    wanted = set(manifest["Image Index"])
-    with gzip.open(NIH_SHARED / "Data_Entry_2017_v2020.csv.gz", "rt") as handle:
-        lines = handle.read().splitlines()
-    rows = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in wanted]
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(rows) + "\n")
-    for split, list_name in (("train_val", "train_val_list.txt"), ("test", "test_list.txt")):
-        (root / list_name).write_text(
-            "\n".join(manifest.loc[manifest["official_split"] == split, "Image Index"])
-        )
-    return root
 
 
 def _cpu_model() -> str:
@@ -94,7 +74,7 @@ def run(rounds: int) -> dict:
         path.read_bytes()
     seconds: dict[str, list[float]] = {"plain_pil": [], "load_xray": [], "prepare_workers_1": []}
     with tempfile.TemporaryDirectory() as tmp:
-        root = _make_root(Path(tmp))
+        root = link_shared_sample(NIH_SHARED, Path(tmp) / "nih")
         for round_number in range(rounds):
             for method in seconds:
                 start = time.perf_counter()
