@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
-import subprocess
 from collections.abc import Sequence
 
 from _train_config import Window
 
-__all__ = ["cpu_model", "summarise", "markdown"]
-
-
-def cpu_model() -> str:
-    """`lscpu`'s "Model name" (what the other benchmarks record), else platform's guess."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name:")]
-    return names[0] if names else "unknown"
+__all__ = ["summarise", "markdown"]
 
 
 def summarise(windows: Sequence[Window], bare: Sequence[Window] | None) -> dict:

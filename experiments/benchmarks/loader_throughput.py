@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import cv2
 import lightning
 import numpy as np
 import torch
+from _machine import cpu_model
 
 from xraycls.data.cache import cache_array_path, open_cache, prepare_cache
 from xraycls.data.datamodule import NIHDataModule
@@ -42,17 +42,6 @@ from xraycls.findings import NUM_LABELS
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "loader_throughput.json"
 TARGET_PER_CORE = 1000.0
-
-
-def _cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in text.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _rate(step, seconds: float) -> tuple[float, int]:
@@ -157,7 +146,7 @@ def main() -> None:
         "benchmark": "loader_throughput",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cores_available": cores,
             "load_average_1_5_15_before": [round(x, 2) for x in load_before],
             "load_average_1_5_15_after": [round(x, 2) for x in load_after],

@@ -22,13 +22,13 @@ import datetime as dt
 import json
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+from _machine import cpu_model
 from PIL import Image
 
 from xraycls.data.cache import prepare_cache
@@ -50,17 +50,6 @@ def _pil_loop(paths: list[Path]) -> None:
 def _load_xray_loop(paths: list[Path]) -> None:
     for path in paths:
         load_xray(path, SIZE)
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def run(rounds: int) -> dict:
@@ -92,7 +81,7 @@ def run(rounds: int) -> dict:
     medians = {method: round(len(paths) / float(np.median(times)), 1) for method, times in seconds.items()}
     return {
         "date": dt.date.today().isoformat(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores_used": 1,
         "images": len(paths),
         "source": "NIH ChestX-ray14 sample, 1024x1024 PNG (97 L, 3 RGBA)",

@@ -48,12 +48,13 @@ import timm
 import torch
 import torchmetrics
 from _hook_costs import step_breakdown
+from _machine import cpu_model
 from _scalar_reads import ScalarReads
 from _train_config import BenchConfig, DeviceBatches, Window, make_device_batches
 from _train_data import make_cache, make_datamodules
 from _train_flops import count_flops, mfu, peak_tflops, vit_formula_flops
 from _train_paths import PROJECT_SETUP, BareLoop, LightningPath, TrainerSetup, make_module
-from _train_report import cpu_model, markdown, summarise
+from _train_report import markdown, summarise
 
 from xraycls.model.backbone import DEFAULT_BACKBONE
 
