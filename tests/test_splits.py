@@ -68,6 +68,10 @@ def test_read_split_list_keeps_order_and_skips_blank_lines(tmp_path: Path) -> No
         ("a.png\n\nb.jpg\n", r"line 3: not a PNG image name: 'b.jpg'"),
         ("a.png\n<html>\n", r"line 2: not a PNG image name: '<html>'"),
         ("a.png\nb.png\na.png\n", r"line 3: image 'a.png' listed again \(first on line 1\)"),
+        (
+            "00000001_000.png\n00030805_000.png99999999_000.png\n",
+            r"line 2: not a PNG image name: '00030805_000.png99999999_000.png' \(two names run together",
+        ),
     ],
 )
 def test_read_split_list_rejects_bad_lines(tmp_path: Path, text: str, message: str) -> None:

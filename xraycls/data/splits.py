@@ -45,7 +45,9 @@ _DEFAULT_FRACTIONS = {  # (val_fraction, test_fraction); None: the split has no 
     "patient_random": (0.1, 0.2),
     "seed_random": (0.05, None),
 }
-_IMAGE_NAME = re.compile(r"[^\s/\\]+\.png", re.IGNORECASE)
+# One name ending in .png with no other ".png" inside: two names glued together (a list that lacked its final
+# newline, appended to another) must not pass as one image and be blamed as a missing file later.
+_IMAGE_NAME = re.compile(r"(?:(?!\.png)[^\s/\\])+\.png", re.IGNORECASE)
 _EXAMPLES = 5  # names shown in one message
 
 
@@ -61,7 +63,9 @@ def read_split_list(path: Path) -> list[str]:
         if not name:
             continue
         if not _IMAGE_NAME.fullmatch(name):
-            raise ValueError(f"{path}, line {number}: not a PNG image name: {name!r}")
+            glued = name.lower().count(".png") > 1
+            hint = " (two names run together? a list without its final newline)" if glued else ""
+            raise ValueError(f"{path}, line {number}: not a PNG image name: {name!r}{hint}")
         if name in seen:
             raise ValueError(
                 f"{path}, line {number}: image {name!r} listed again (first on line {seen[name]})"
