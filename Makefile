@@ -14,7 +14,7 @@ LEGACY_PY := $(LEGACY_VENV)/bin/python
 LEGACY_STAMP := $(LEGACY_VENV)/.installed
 LEGACY_REQUIREMENTS := requirements/legacy.txt
 # What the IPU path needs to run there: the plan, the IPU path, the model, the metrics, the data pipeline.
-LEGACY_TESTS := tests/test_legacy_stack.py tests/test_ipu.py tests/test_plan.py tests/test_module.py \
+LEGACY_TESTS := tests/test_legacy_stack.py tests/test_checkpoint_safety.py tests/test_ipu.py tests/test_plan.py tests/test_module.py \
 	tests/test_backbone.py tests/test_schedule.py tests/test_metrics.py tests/test_datamodule.py \
 	tests/test_transforms.py
 
