@@ -173,3 +173,16 @@ def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="one id per image"):
         confidence_intervals(logits, labels, patient[:-1], resamples=5)
     assert len(FINDINGS) == 14
+
+
+def test_bca_interval_matches_scipy_given_the_same_replicates() -> None:
+    from scipy.stats import bootstrap
+
+    from xraycls.evaluation.bootstrap import interval
+
+    x = np.random.default_rng(0).exponential(size=40)
+    res = bootstrap((x,), np.mean, method="BCa", n_resamples=999, random_state=0)
+    jack = np.array([np.delete(x, i).mean() for i in range(x.size)])
+    lo, hi = interval(res.bootstrap_distribution, 0.95, "bca", x.mean(), jack)
+    assert (lo, hi) == pytest.approx(tuple(res.confidence_interval), abs=1e-12)
+    assert interval(res.bootstrap_distribution, 0.95) != (lo, hi)

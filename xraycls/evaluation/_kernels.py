@@ -56,24 +56,25 @@ def weighted_scores(
     # int32 sums are exact while a resample's total weight fits; it is at most column sum x largest unit.
     bound = int(counts.sum(axis=0, dtype=np.int64).max(initial=0)) * ranked.max_unit_size
     acc = np.int32 if bound < 2**31 else np.int64
-    pos_w = counts[ranked.pos_units]  # [npos, B]
+    # A count times a cumulative count: int32 too where it fits (~4x faster than casting to int64).
+    prod = np.int32 if bound * int(counts.max(initial=0)) < 2**31 else np.int64
+    pos_w = counts[ranked.pos_units].astype(acc, copy=False)  # [npos, B]
     neg_cum = _cumulate(counts[ranked.neg_units], acc)  # [nneg + 1, B]
-    neg_total = neg_cum[-1]
-    pos_total = pos_w.sum(axis=0, dtype=np.int64)
-    neg_total = neg_total.astype(np.int64)
+    neg_total = neg_cum[-1].astype(np.int64)
+    pos_cum = _cumulate(pos_w, acc) if average_precision else None
+    pos_total = pos_cum[-1].astype(np.int64) if pos_cum is not None else pos_w.sum(axis=0, dtype=np.int64)
     below = neg_cum[ranked.neg_below]  # weighted negatives strictly below each positive
     # Twice the Mann-Whitney numerator: 2 * below + ties, kept in integers.
-    twice = 2 * np.multiply(pos_w, below, dtype=np.int64).sum(axis=0)
+    twice = 2 * np.multiply(pos_w, below, dtype=prod).sum(axis=0, dtype=np.int64)
     if ranked.tied.size:
         tie_neg = neg_cum[ranked.neg_upto_tied] - below[ranked.tied]
-        twice += np.multiply(pos_w[ranked.tied], tie_neg, dtype=np.int64).sum(axis=0)
+        twice += np.multiply(pos_w[ranked.tied], tie_neg, dtype=prod).sum(axis=0, dtype=np.int64)
     pairs = pos_total * neg_total
     valid = pairs > 0
     auroc = np.full(counts.shape[1], np.nan)
     np.divide(twice, 2 * pairs, out=auroc, where=valid)
-    if not average_precision:
+    if pos_cum is None:
         return auroc, None
-    pos_cum = _cumulate(pos_w, acc)
     # Precision at each positive's threshold (weight with score >= it); recall steps by its own weight.
     pos_at_or_above = pos_total - pos_cum[ranked.pos_below]
     at_or_above = pos_at_or_above + (neg_total - below)

@@ -80,7 +80,9 @@ def calibration_report(
     cols = dict(enumerate(label_names))
     return {
         "bins": bins,
-        "ece": {name: expected_calibration_error(probs[:, j], positive[:, j], bins) for j, name in cols.items()},
+        "ece": {
+            name: expected_calibration_error(probs[:, j], positive[:, j], bins) for j, name in cols.items()
+        },
         "reliability": {name: reliability(probs[:, j], positive[:, j], bins) for j, name in cols.items()},
     }
 
@@ -100,7 +102,14 @@ def plot_reliability(diagrams: Mapping[str, Mapping[str, list]], path: str | Pat
         data = diagrams[name]
         edges = np.asarray(data["edges"])
         observed = np.array([np.nan if v is None else v for v in data["observed"]])
-        ax.bar(edges[:-1], np.nan_to_num(observed), width=np.diff(edges), align="edge", alpha=0.7, label="observed")
+        ax.bar(
+            edges[:-1],
+            np.nan_to_num(observed),
+            width=np.diff(edges),
+            align="edge",
+            alpha=0.7,
+            label="observed",
+        )
         ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), title=name, xlabel="predicted", ylabel="observed")
     for ax in axes.ravel()[len(names) :]:
