@@ -183,14 +183,18 @@ def replicates(
 
 
 def interval(
-    boot: np.ndarray, level: float, method: str = "percentile", point: float = np.nan, jack=None
+    boot: np.ndarray,
+    level: float,
+    method: str = "percentile",
+    point: float = np.nan,
+    jack: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """(lo, hi) from the valid (non-NaN) values of `boot` [R]; NaN when none is valid.
 
     ``bca`` needs the `point` estimate and the jackknife values `jack` [units] (NaN ones are dropped).
     """
     valid = boot[~np.isnan(boot)]
-    if valid.size == 0 or np.isnan(point) and method == "bca":
+    if valid.size == 0 or (method == "bca" and np.isnan(point)):
         return (np.nan, np.nan)
     alpha = (1.0 - level) / 2.0
     quantiles = np.array([alpha, 1.0 - alpha])
@@ -198,7 +202,8 @@ def interval(
         share = (np.sum(valid < point) + 0.5 * np.sum(valid == point)) / valid.size
         share = np.clip(share, 0.5 / valid.size, 1.0 - 0.5 / valid.size)
         z0 = norm.ppf(share)
-        jack = np.asarray(jack)[~np.isnan(jack)]
+        jack = np.asarray(jack if jack is not None else [], dtype=float)
+        jack = jack[~np.isnan(jack)]
         dev = jack.mean() - jack if jack.size else np.zeros(1)
         denom = 6.0 * np.sum(dev**2) ** 1.5
         accel = np.sum(dev**3) / denom if denom > 0 else 0.0
