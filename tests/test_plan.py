@@ -9,7 +9,7 @@ import re
 import shlex
 
 import pytest
-from conftest import PROJECT_ROOT
+from _project import PROJECT_ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
