@@ -1,44 +1,68 @@
-"""Shared fixtures: where the genuine NIH files live, and a skip marker for machines without them."""
+"""Shared fixtures and marker hooks: the demo data and run, one torch thread, a quiet CPU Trainer; `real_nih`
+skips where ../shared/nih is absent, `gpu` where CUDA is. Paths and config helpers are in `_project.py`."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from _project import DEMO_IMAGES, DEMO_SIZE, NIH_SHARED, compose_cfg, demo_overrides
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NIH_SHARED = PROJECT_ROOT.parent / "shared" / "nih"
 
-requires_nih = pytest.mark.skipif(
-    not (NIH_SHARED / "Data_Entry_2017_v2020.csv.gz").is_file(),
-    reason=f"genuine NIH files not found at {NIH_SHARED} (../shared/nih beside the project)",
-)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`real_nih` and `gpu` carry their own skip, so a test needs only the marker."""
+    skips = {}
+    if not (NIH_SHARED / "Data_Entry_2017_v2020.csv.gz").is_file():
+        reason = f"genuine NIH files not found at {NIH_SHARED} (../shared/nih beside the project)"
+        skips["real_nih"] = pytest.mark.skip(reason=reason)
+    if any(item.get_closest_marker("gpu") for item in items):
+        import torch  # only when a gpu test is collected
+
+        if not torch.cuda.is_available():
+            skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        for name, skip in skips.items():
+            if item.get_closest_marker(name):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while a module runs (`pytestmark = pytest.mark.usefixtures(...)`): on a small,
+    shared CPU, OpenMP threads spinning against other processes made a tiny fit 25x slower (27 s instead
+    of 1 s on 2 busy cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
-def nih_shared() -> Path:
-    """The folder of genuine NIH files (../shared/nih); tests using it also carry `requires_nih`."""
-    if not NIH_SHARED.is_dir():
-        pytest.skip(f"genuine NIH files not found at {NIH_SHARED}")
-    return NIH_SHARED
+def cpu_trainer() -> Callable[..., Any]:
+    """Builds a `lightning.Trainer` on one CPU without logger, checkpoints, progress bar, model summary or
+    sanity validation; keyword arguments add to or replace those settings."""
 
+    def make(**kwargs: Any) -> Any:
+        import lightning as L
 
-CONF_DIR = PROJECT_ROOT / "conf"
-# The data `make demo` makes: enough positives per finding in every split for a stable AUROC.
-DEMO_IMAGES, DEMO_SIZE = 600, 128
+        settings = {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **kwargs,
+        }
+        return L.Trainer(**settings)
 
-
-def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The real Hydra config (conf/config.yaml) with overrides, writing its run into `output_dir`."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
-
-
-def demo_overrides(data_dir: Path, *extra: str) -> list[str]:
-    return ["experiment=demo", f"paths.data_dir={data_dir}", f"paths.runs_dir={data_dir}/runs", *extra]
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +78,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
     """(run directory, summary, seconds) of one `experiment=demo` run, shared by every test module that needs
-    a trained model: training it once keeps the suite within its time budget."""
+    a trained model: training it once keeps the suite within its time budget. Tests using it are `slow`."""
     from xraycls.training import run_training
 
     run_dir = tmp_path_factory.mktemp("demo_run")

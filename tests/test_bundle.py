@@ -4,7 +4,6 @@ preprocessing is the training pipeline's own; broken bundles fail with one clear
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -30,14 +29,7 @@ KWARGS = {"num_classes": NUM_LABELS, **TINY_BACKBONE_KWARGS, "drop_path_rate": 0
 PREP = make_preprocessing(image_size=80, input_size=64, mean=0.45, std=0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs: on a small, shared CPU, OpenMP threads spinning against
-    other processes made a tiny fit 25x slower (27 s instead of 1 s on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _backbone(seed: int = 0) -> torch.nn.Module:

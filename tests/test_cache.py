@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import NIH_SHARED, PROJECT_ROOT, requires_nih
+from _nih_sample import link_shared_sample
+from _project import NIH_SHARED, PROJECT_ROOT
 from PIL import Image
 
 import xraycls.data.cache as cache_module
@@ -35,7 +36,6 @@ from xraycls.data.cache import (
 )
 from xraycls.data.images import load_xray
 from xraycls.data.labels import read_label_file
-from xraycls.data.shared_sample import link_shared_sample
 from xraycls.data.splits import attach_official_split
 from xraycls.data.synthetic import LABEL_FILE_NAME, make_synthetic_nih
 from xraycls.findings import LABELS
@@ -336,7 +336,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> 
     assert peaks[512] - peaks[64] < 4, peaks
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_sample_images_prepare_with_their_labels(tmp_path: Path) -> None:
     manifest = pd.read_csv(NIH_SHARED / "sample_manifest.csv")
     root = link_shared_sample(NIH_SHARED, tmp_path / "nih")

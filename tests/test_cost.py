@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _http_server import FileServer
-from conftest import PROJECT_ROOT
+from _project import PROJECT_ROOT
 from PIL import Image
 
 from xraycls.cli import main
@@ -414,6 +414,7 @@ def test_download_and_prepare_reports_give_the_preparation_seconds(tmp_path: Pat
 
 
 # -------------------------------------------------------------------------------------- one real run
+@pytest.mark.slow
 def test_a_real_run_summary_prices_and_extrapolates(demo_run: tuple[Path, dict, float]) -> None:
     """The suite's shared demo run (conftest): its summary carries the cache's prepare seconds and whether
     the run built the cache itself, and `xraycls cost` reads it; 1x from the report is the run's own time."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -360,7 +361,10 @@ class _ProbeModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_trainer_runs_on_after_batch_transfer_before_each_step(cache_dir: Path) -> None:
+@pytest.mark.slow
+def test_trainer_runs_on_after_batch_transfer_before_each_step(
+    cache_dir: Path, cpu_trainer: Callable[..., L.Trainer]
+) -> None:
     datamodule = NIHDataModule(
         cache_dir=str(cache_dir),
         image_size=IMAGE,
@@ -372,18 +376,11 @@ def test_trainer_runs_on_after_batch_transfer_before_each_step(cache_dir: Path) 
         augment={"enabled": False},
     )
     module = _ProbeModule()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = cpu_trainer(
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=1,
         limit_predict_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
     trainer.predict(module, datamodule=datamodule)

@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from _project import PROJECT_ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
@@ -86,7 +87,9 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]
     return data, run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
-def _single_process_metrics(data: Path, checkpoint: str, stage: str) -> tuple[dict, object]:
+def _single_process_metrics(
+    trainer: L.Trainer, data: Path, checkpoint: str, stage: str
+) -> tuple[dict, object]:
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
@@ -94,22 +97,21 @@ def _single_process_metrics(data: Path, checkpoint: str, stage: str) -> tuple[di
         )
     datamodule = instantiate(cfg.data)
     model = XrayClassifier.load_from_checkpoint(checkpoint, weights="none")
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
     getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
     return model.last_metrics["val" if stage == "validate" else "test"], datamodule
 
 
 @pytest.mark.slow
-def test_ddp_auroc_equals_the_single_process_auroc(ddp_run: tuple[Path, Path, dict]) -> None:
+def test_ddp_auroc_equals_the_single_process_auroc(
+    ddp_run: tuple[Path, Path, dict], cpu_trainer: Callable[..., L.Trainer]
+) -> None:
     torch.set_num_threads(1)
     data, run_dir, summary = ddp_run
     hardware = summary["hardware"]
     assert (hardware["replicas"], hardware["strategy"], hardware["devices"]) == (2, "ddp", 2)
     assert hardware["global_batch"] == hardware["micro_batch"] * 2 * hardware["accumulation"] == 16
     for stage, part in (("validate", "val"), ("test", "test")):
-        single, datamodule = _single_process_metrics(data, summary["best_checkpoint"], stage)
+        single, datamodule = _single_process_metrics(cpu_trainer(), data, summary["best_checkpoint"], stage)
         ddp = summary["metrics"][part]
         for label in LABELS:
             expected = single["auroc_per_finding"][label]

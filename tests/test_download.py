@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _http_server import Behaviour, FileServer
-from conftest import NIH_SHARED, requires_nih
+from _project import NIH_SHARED
 from PIL import Image
 
 from xraycls.data._extract import ArchiveError, extract_images
@@ -131,7 +131,7 @@ def test_package_sources_list_nih_files() -> None:
     assert (meta[SPLITS[1]].md5, meta[SPLITS[1]].size) == ("adeeabf20ea2a8eb66ced87b78434400", 435131)
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_package_sources_match_genuine_files() -> None:
     files = {f.name: f for f in load_sources()}
     with open(NIH_SHARED / "archives.tsv") as fh:
@@ -143,7 +143,7 @@ def test_package_sources_match_genuine_files() -> None:
         assert (files[name].md5, files[name].size) == (hashlib.md5(data).hexdigest(), len(data))
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_genuine_metadata_files_pass_the_package_checks(tmp_path: Path) -> None:
     # The genuine files, served as the package lists them (its md5s and sizes, its content checks).
     package = {f.name: f for f in load_sources() if f.kind != "archive"}

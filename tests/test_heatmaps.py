@@ -10,14 +10,13 @@ the VALIDATION set with the exported weights, and stored the same values in mode
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_SIZE, compose_cfg, demo_overrides
+from _project import DEMO_SIZE, compose_cfg, demo_overrides
 from PIL import Image
 
 from xraycls.data.images import load_xray
@@ -34,13 +33,7 @@ from xraycls.model.backbone import TINY_BACKBONE, create_backbone
 # run may be any of them, since its numerics depend on the thread count and on which test trains it.
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU, spinning OpenMP threads slow everything down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +80,7 @@ def maps(demo: tuple[Path, Path, dict], test_positives: list) -> list[tuple[list
     return result
 
 
+@pytest.mark.slow
 def test_heat_falls_on_the_planted_signal(maps: list) -> None:
     """Over every (test image, positive finding) pair: the mean heat inside that finding's box is at least
     2.5x the mean heat outside it (measured 3.3x-4.3x on five demo models), and higher inside than outside
@@ -106,6 +100,7 @@ def test_heat_falls_on_the_planted_signal(maps: list) -> None:
     assert (inside > outside).mean() >= 0.90, (inside > outside).mean()
 
 
+@pytest.mark.slow
 def test_each_findings_map_prefers_its_own_mark(maps: list) -> None:
     """On images with several findings, finding f's map is hotter in f's box than in another positive
     finding's box: mean 2x or more (measured 2.4x-2.9x on five demo models), in at least 80% of pairs
@@ -125,6 +120,7 @@ def test_each_findings_map_prefers_its_own_mark(maps: list) -> None:
     assert (own > other).mean() >= 0.80, (own > other).mean()
 
 
+@pytest.mark.slow
 def test_save_heatmaps_writes_one_titled_overlay_per_finding(
     demo: tuple[Path, Path, dict], test_positives: list, tmp_path: Path
 ) -> None:
@@ -150,6 +146,7 @@ def test_save_heatmaps_writes_one_titled_overlay_per_finding(
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(p.name for p in written)
 
 
+@pytest.mark.slow
 def test_thresholds_are_chosen_on_validation_and_stored_with_the_model(
     demo: tuple[Path, Path, dict],
 ) -> None:

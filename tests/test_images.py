@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import NIH_SHARED, requires_nih
+from _project import NIH_SHARED
 from PIL import Image
 
 from xraycls.data.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_xray, load_xray
@@ -27,7 +27,7 @@ def _sample_manifest() -> pd.DataFrame:
     return pd.read_csv(NIH_SHARED / "sample_manifest.csv")
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_rgba_samples_give_exactly_their_red_channel() -> None:
     manifest = _sample_manifest()
     rgba = manifest[manifest["mode"] == "RGBA"]["Image Index"].tolist()
@@ -42,7 +42,7 @@ def test_real_rgba_samples_give_exactly_their_red_channel() -> None:
         np.testing.assert_array_equal(decoded, red)
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_gray_samples_equal_pil_decoding() -> None:
     manifest = _sample_manifest()
     gray = manifest[manifest["mode"] == "L"]["Image Index"].tolist()
@@ -54,7 +54,7 @@ def test_real_gray_samples_equal_pil_decoding() -> None:
         np.testing.assert_array_equal(decode_xray(path.read_bytes(), name=name), expected)
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_load_xray_shrinks_a_real_sample_with_area_interpolation() -> None:
     path = NIH_SHARED / "sample" / "00000001_000.png"
     small = load_xray(path, 256)

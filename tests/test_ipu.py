@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from conftest import PROJECT_ROOT
+from _project import PROJECT_ROOT
 from hydra import compose, initialize_config_dir
 from torch import nn
 

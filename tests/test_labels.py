@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import NIH_SHARED, requires_nih
+from _project import NIH_SHARED
 
 from xraycls.data.labels import (
     LABEL_FILE_NAMES,
@@ -294,7 +294,7 @@ def real_table() -> tuple[pd.DataFrame, float]:
     return table, time.perf_counter() - start
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_file_shape_and_speed(real_table: tuple[pd.DataFrame, float]) -> None:
     table, seconds = real_table
     assert len(table) == 112_120 and table["patient_id"].nunique() == 30_805
@@ -309,7 +309,7 @@ def test_real_file_shape_and_speed(real_table: tuple[pd.DataFrame, float]) -> No
     assert table["age_years"].between(0, 95).all() and table["age_years"].max() == 95
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_totals_match_an_independent_count(real_table: tuple[pd.DataFrame, float]) -> None:
     counts: Counter[str] = Counter()
     with gzip.open(REAL_FILE, "rt", newline="") as handle:
@@ -322,7 +322,7 @@ def test_real_totals_match_an_independent_count(real_table: tuple[pd.DataFrame, 
     assert totals.to_dict() == KNOWN_TOTALS
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_sample_images_have_manifest_labels(real_table: tuple[pd.DataFrame, float]) -> None:
     manifest = pd.read_csv(NIH_SHARED / "sample_manifest.csv", dtype=str)
     assert len(manifest) == 100
@@ -332,7 +332,7 @@ def test_real_sample_images_have_manifest_labels(real_table: tuple[pd.DataFrame,
         assert {label for label in LABELS if row[label] == 1} == set(labels.split("|")), image
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_rows_rewritten_as_2017_and_box_files_parse_identically(
     tmp_path: Path, real_table: tuple[pd.DataFrame, float]
 ) -> None:

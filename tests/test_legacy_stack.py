@@ -15,7 +15,7 @@ from importlib import metadata
 
 import lightning
 import pytest
-from conftest import PROJECT_ROOT, compose_cfg
+from _project import PROJECT_ROOT, compose_cfg
 from omegaconf import OmegaConf
 from test_ipu import FakePoptorch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,33 +50,21 @@ def _module(**kwargs: Any) -> XrayClassifier:
         return XrayClassifier(**settings)
 
 
-def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": tmp_path,
-        **kwargs,
-    }
-    return L.Trainer(**settings)
-
-
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[L.Trainer, XrayClassifier, Path]:
+def fitted(
+    tmp_path_factory: pytest.TempPathFactory, cpu_trainer: Callable[..., L.Trainer]
+) -> tuple[L.Trainer, XrayClassifier, Path]:
     """Four epochs on 128 toy images, validated on 64 others, then tested; metrics.csv from CSVLogger."""
     root = tmp_path_factory.mktemp("fit")
     module = _module(lr=2e-3, warmup_ratio=0.1, weight_decay=0.01)
     logger = CSVLogger(root, name="run", version=0)
-    trainer = _trainer(root, max_epochs=4, logger=logger, log_every_n_steps=1)
+    trainer = cpu_trainer(default_root_dir=root, max_epochs=4, logger=logger, log_every_n_steps=1)
     trainer.fit(module, _loader(128, seed=1, shuffle=True), _loader(64, seed=2))
     trainer.test(module, _loader(64, seed=3), verbose=False)
     return trainer, module, Path(logger.log_dir) / "metrics.csv"
 
 
+@pytest.mark.slow
 def test_learns_a_separable_toy_problem(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
     _, module, csv = fitted
     assert module.last_metrics["val"]["auroc_macro14"] > 0.9
@@ -89,6 +78,7 @@ def test_learns_a_separable_toy_problem(fitted: tuple[L.Trainer, XrayClassifier,
     assert train_loss.tail(4).mean() < 0.8 * train_loss.head(4).mean()
 
 
+@pytest.mark.slow
 def test_logged_keys(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
     trainer, module, csv = fitted
     columns = set(pd.read_csv(csv).columns)
@@ -107,6 +97,7 @@ def test_logged_keys(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
     assert trainer.callback_metrics["test/loss"].item() == pytest.approx(test["loss"])
 
 
+@pytest.mark.slow
 def test_predict_returns_probabilities(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
     trainer, module, _ = fitted
     batches = trainer.predict(module, _loader(32, seed=3))
@@ -119,6 +110,7 @@ def test_predict_returns_probabilities(fitted: tuple[L.Trainer, XrayClassifier, 
         assert torch.allclose(probabilities, torch.sigmoid(module(images)), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_reloads_as_module_and_as_backbone_weights(
     fitted: tuple[L.Trainer, XrayClassifier, Path], tmp_path: Path
 ) -> None:
@@ -181,11 +173,14 @@ class _ScheduleProbe(L.Callback):
             self.logged_lrs.append(trainer.callback_metrics["lr"].item())
 
 
-def test_lr_schedule_steps_once_per_optimizer_step(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_lr_schedule_steps_once_per_optimizer_step(
+    tmp_path: Path, cpu_trainer: Callable[..., L.Trainer]
+) -> None:
     module = _module(lr=1e-3, warmup_ratio=0.5)
     probe = _ScheduleProbe()
-    trainer = _trainer(
-        tmp_path,
+    trainer = cpu_trainer(
+        default_root_dir=tmp_path,
         max_epochs=1,
         accumulate_grad_batches=2,
         limit_val_batches=0,
@@ -221,8 +216,9 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.slow
 def test_batch_hooks_only_keep_outputs_and_log_on_the_loggers_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_trainer: Callable[..., L.Trainer]
 ) -> None:
     """Per batch the module keeps the detached logits and labels and reads nothing back to the host; it
     logs `train/loss` and `lr` only on the steps the logger writes; the metrics update once per stage and
@@ -250,7 +246,7 @@ def test_batch_hooks_only_keep_outputs_and_log_on_the_loggers_steps(
     monkeypatch.setattr(module, "log", lambda name, *a, **k: (logged.append(name), log(name, *a, **k))[1])
 
     logger = CSVLogger(tmp_path, name="run", version=0)
-    trainer = _trainer(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=3)
+    trainer = cpu_trainer(default_root_dir=tmp_path, max_epochs=2, logger=logger, log_every_n_steps=3)
     trainer.fit(module, _loader(8 * BATCH, seed=1, shuffle=True), _loader(3 * BATCH, seed=2))
 
     assert reads.count == 0
@@ -289,9 +285,11 @@ def test_pos_weight_from_prevalence() -> None:
         pos_weight_from_prevalence(torch.tensor([1.5]))
 
 
-def test_layer_decay_gives_early_blocks_smaller_lr(tmp_path: Path) -> None:
+def test_layer_decay_gives_early_blocks_smaller_lr(
+    tmp_path: Path, cpu_trainer: Callable[..., L.Trainer]
+) -> None:
     module = _module(lr=1e-3, layer_decay=0.5)
-    module.trainer = _trainer(tmp_path, max_epochs=-1, max_steps=10)
+    module.trainer = cpu_trainer(default_root_dir=tmp_path, max_epochs=-1, max_steps=10)
     config = module.configure_optimizers()
     optimizer = config["optimizer"]
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -333,6 +331,7 @@ def test_bad_settings_stop_before_any_download(
         XrayClassifier(backbone=TINY_BACKBONE, weights="hub", **kwargs)
 
 
+@pytest.mark.slow
 def test_nan_free_metrics_need_both_classes(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
     _, module, _ = fitted
     assert all(not math.isnan(v) for v in module.last_metrics["val"]["auroc_per_finding"].values())

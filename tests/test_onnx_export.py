@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -30,13 +29,7 @@ PREP = make_preprocessing(image_size=80, input_size=64, mean=0.45, std=0.3)
 THRESHOLDS = {"method": "youden", "per_finding": {name: {"threshold": 0.4} for name in LABELS}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU, spinning OpenMP threads slow everything down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

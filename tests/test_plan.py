@@ -9,7 +9,7 @@ import re
 import shlex
 
 import pytest
-from conftest import PROJECT_ROOT
+from _project import PROJECT_ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -92,7 +92,7 @@ def test_ddp_takes_its_size_from_torchrun_or_slurm() -> None:
         (["hardware=vpod16", "hardware.precision=bf16-mixed"], r"'bf16-mixed' is not supported on the IPU"),
         (["hardware=vpod16", "hardware.global_batch=130"], r"global_batch=130 cannot be reached: .* = 4"),
         (["hardware=gpu", "hardware.devices=3"], r"batch_size=64 .* not divisible by the 3 replicas"),
-        (["hardware=gpu", "hardware.device_iterations=4"], r"device_iterations=4 .* only the IPU"),
+        (["hardware=gpu", "+hardware.device_iterations=4"], r"device_iterations=4 .* only the IPU"),
         (["hardware=cpu", "hardware.precision=fp8"], r"precision='fp8' is not one of"),
         (["hardware=cpu", "hardware.accelerator=tpu"], r"accelerator='tpu' is not one of"),
         (["hardware=cpu", "+hardware.replicas=2"], r"unknown hardware settings \['replicas'\]"),

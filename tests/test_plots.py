@@ -3,7 +3,7 @@ and through the figures behind them (legend texts, tile titles, plotted values).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -23,15 +23,7 @@ from xraycls.model.module import XrayClassifier
 from xraycls.report import plots
 from xraycls.report.plots import plot_roc_curves, plot_sample_grid, plot_training_curves
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs: on a small, shared CPU, OpenMP threads spinning against
-    other processes made a tiny fit 25x slower (27 s instead of 1 s on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_real_png(path: Path, min_bytes: int = 8_000) -> np.ndarray:
@@ -48,7 +40,7 @@ def assert_real_png(path: Path, min_bytes: int = 8_000) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def metrics_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def metrics_csv(tmp_path_factory: pytest.TempPathFactory, cpu_trainer: Callable[..., L.Trainer]) -> Path:
     """metrics.csv of a real fit: tiny ViT, random images, 2 epochs x 4 batches, 2 val batches."""
     root = tmp_path_factory.mktemp("fit")
     generator = torch.Generator().manual_seed(0)
@@ -59,24 +51,19 @@ def metrics_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(0)
         module = XrayClassifier(backbone=TINY_BACKBONE, weights="none", **TINY_BACKBONE_KWARGS)
     logger = CSVLogger(root, name="run", version=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = cpu_trainer(
         max_epochs=2,
         limit_train_batches=4,
         limit_val_batches=2,
-        num_sanity_val_steps=0,
         log_every_n_steps=1,
         logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
     )
     trainer.fit(module, loader, loader)
     return Path(logger.log_dir) / "metrics.csv"
 
 
+@pytest.mark.slow
 def test_training_curves_from_a_real_lightning_run(metrics_csv: Path, tmp_path: Path) -> None:
     backend = matplotlib.get_backend()
     written = plot_training_curves(metrics_csv, tmp_path / "plots")
@@ -87,6 +74,7 @@ def test_training_curves_from_a_real_lightning_run(metrics_csv: Path, tmp_path: 
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["train_loss_lr.png", "val_auroc.png"]
 
 
+@pytest.mark.slow
 def test_training_curves_plot_the_logged_values(metrics_csv: Path) -> None:
     table = pd.read_csv(metrics_csv)
     fig = plots._loss_lr_figure(table)

@@ -8,7 +8,6 @@ import json
 import shutil
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -16,9 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import NIH_SHARED, requires_nih
+from _project import NIH_SHARED, compose_cfg, demo_overrides
 from test_readers import write_dicom
-from test_train import compose_cfg, demo_overrides
 
 from xraycls.cli import main
 from xraycls.data.images import load_xray
@@ -34,14 +32,8 @@ from xraycls.training import run_training
 CSV_COLUMNS = ["path", "image", *LABELS, "flagged"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on the small shared CPU, OpenMP threads spinning against other processes slow a
-    tiny model down many times (see tests/test_bundle.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here uses the model the `demo` fixture trains.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +74,7 @@ def _expected_probs(model_dir: Path, paths: list[Path]) -> np.ndarray:
     return bundle.predict_proba([load_xray(path, size) for path in paths])
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_predicts_every_genuine_sample_including_rgba(
     demo: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -105,7 +97,7 @@ def test_predicts_every_genuine_sample_including_rgba(
     assert DISCLAIMER in capsys.readouterr().out
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_grid_titles_show_real_labels_from_the_genuine_label_file(demo: tuple[Path, Path]) -> None:
     model_dir, _raw = demo
     paths = sorted((NIH_SHARED / "sample").glob("*.png"))[:4]

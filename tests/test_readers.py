@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import NIH_SHARED, requires_nih
+from _project import NIH_SHARED
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -188,7 +188,7 @@ def test_raster_formats_go_through_the_training_rule(tmp_path: Path) -> None:
     assert (deep_read.min(), deep_read.max()) == (0, 255)  # 16-bit: its own range, not cut to a low byte
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_rgba_samples_read_as_their_gray_values() -> None:
     manifest = (NIH_SHARED / "sample_manifest.csv").read_text().splitlines()
     rgba = [line.split(",")[0] for line in manifest if ",RGBA," in line]

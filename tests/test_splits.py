@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import NIH_SHARED, requires_nih
+from _project import NIH_SHARED
 
 from xraycls.data.labels import read_label_file
 from xraycls.data.splits import (
@@ -295,7 +295,7 @@ def real_table() -> pd.DataFrame:
     return attach_official_split(read_label_file(NIH_SHARED / "Data_Entry_2017_v2020.csv.gz"), NIH_SHARED)
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_official_lists_are_patient_disjoint(real_table: pd.DataFrame) -> None:
     train_val = read_split_list(NIH_SHARED / TRAIN_VAL_LIST)
     test = read_split_list(NIH_SHARED / TEST_LIST)
@@ -305,7 +305,7 @@ def test_real_official_lists_are_patient_disjoint(real_table: pd.DataFrame) -> N
     assert real_table["split_official"].value_counts().to_dict() == {"train_val": 86_524, "test": 25_596}
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_official_split_with_validation_is_patient_disjoint(real_table: pd.DataFrame) -> None:
     split = build_split(real_table, "official", seed=1337, val_fraction=0.1)
     assert_patient_disjoint(real_table, split)
@@ -316,7 +316,7 @@ def test_real_official_split_with_validation_is_patient_disjoint(real_table: pd.
     assert summary["patients"]["val"] == math.ceil(0.1 * train_val_patients)
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_seed_random_leaks_patients(real_table: pd.DataFrame) -> None:
     split = build_split(real_table, "seed_random", seed=1337)
     assert len(split.indices("val")) == math.ceil(0.05 * 112_120) == 5_606
@@ -326,7 +326,7 @@ def test_real_seed_random_leaks_patients(real_table: pd.DataFrame) -> None:
     )
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_real_partial_label_table_gets_the_official_split(real_table: pd.DataFrame) -> None:
     part = real_table.drop(columns="split_official").iloc[::50].reset_index(drop=True)  # like Kaggle's sample
     attached = attach_official_split(part, NIH_SHARED)

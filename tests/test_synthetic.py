@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import NIH_SHARED, requires_nih
+from _project import NIH_SHARED
 
 from xraycls.data.labels import read_label_file
 from xraycls.data.splits import attach_official_split
@@ -56,7 +56,7 @@ def test_layout_and_names_follow_nih(synth: tuple[Path, dict]) -> None:
     assert all(len(line.split(",")) == 11 for line in lines[1:])
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_header_is_the_real_v2020_header(synth: tuple[Path, dict]) -> None:
     out, _ = synth
     with gzip.open(NIH_SHARED / "Data_Entry_2017_v2020.csv.gz", "rt") as real:
@@ -183,7 +183,7 @@ def test_bad_arguments_and_foreign_images_are_refused(tmp_path: Path) -> None:
     assert make_synthetic_nih(again, 10, size=32)["images"] == 10
 
 
-@requires_nih
+@pytest.mark.real_nih
 def test_hard_coded_prevalences_match_the_real_label_file() -> None:
     real = read_label_file(NIH_SHARED / "Data_Entry_2017_v2020.csv.gz")
     for finding in FINDINGS:

@@ -171,7 +171,7 @@ def test_bad_inputs_are_refused_with_their_problem() -> None:
 def test_a_wrong_thresholds_setting_stops_training_before_any_work(
     override: str, message: str, tmp_path: Path
 ) -> None:
-    from test_train import compose_cfg, demo_overrides
+    from _project import compose_cfg, demo_overrides
 
     from xraycls.training import run_training
 

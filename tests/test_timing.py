@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,30 +60,18 @@ def _loader(batches: int) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(batches * BATCH, 4)), batch_size=BATCH)
 
 
-def _trainer(tmp_path: Path, timer: RunTimer, **kwargs: Any) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "callbacks": [timer],
-        **kwargs,
-    }
-    return L.Trainer(**settings)
-
-
 SLOW, FAST, VAL, TEST = 0.25, 0.04, 0.1, 0.03
 
 
 @pytest.fixture(scope="module")
-def timed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], float]:
+def timed_run(
+    tmp_path_factory: pytest.TempPathFactory, cpu_trainer: Callable[..., L.Trainer]
+) -> tuple[dict[str, Any], float]:
     """2 epochs x 8 train batches (first 2 of each slow), 4 val batches per epoch, then 5 test batches."""
     timer = RunTimer(warmup_batches=2)
     module = SleepyModule(slow=SLOW, fast=FAST, slow_batches=2, val=VAL, test=TEST)
-    trainer = _trainer(tmp_path_factory.mktemp("timer"), timer, max_epochs=2, num_sanity_val_steps=2)
+    root = tmp_path_factory.mktemp("timer")
+    trainer = cpu_trainer(default_root_dir=root, callbacks=[timer], max_epochs=2, num_sanity_val_steps=2)
     start = time.perf_counter()
     trainer.fit(module, _loader(8), _loader(4))
     fit_wall = time.perf_counter() - start
@@ -90,6 +79,7 @@ def timed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return timer.as_dict(), fit_wall
 
 
+@pytest.mark.slow
 def test_reports_every_phase(timed_run: tuple[dict[str, Any], float]) -> None:
     result, _ = timed_run
     timing, throughput = result["timing"], result["throughput"]
@@ -105,6 +95,7 @@ def test_reports_every_phase(timed_run: tuple[dict[str, Any], float]) -> None:
     assert timing["test"] >= 5 * TEST
 
 
+@pytest.mark.slow
 def test_phases_add_up_without_double_counting(timed_run: tuple[dict[str, Any], float]) -> None:
     result, fit_wall = timed_run
     timing = result["timing"]
@@ -122,6 +113,7 @@ def test_phases_add_up_without_double_counting(timed_run: tuple[dict[str, Any], 
     assert covered >= 0.8 * fit_wall
 
 
+@pytest.mark.slow
 def test_throughput_leaves_out_warmup_batches(timed_run: tuple[dict[str, Any], float]) -> None:
     throughput = timed_run[0]["throughput"]
     # Exact counts: 2 epochs x 6 batches after warm-up; eval 2 runs x 2 val batches + 3 test batches, and
@@ -140,9 +132,12 @@ def test_throughput_leaves_out_warmup_batches(timed_run: tuple[dict[str, Any], f
     assert throughput["notes"] == []
 
 
-def test_too_few_batches_for_warmup_gives_no_throughput(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_too_few_batches_for_warmup_gives_no_throughput(
+    tmp_path: Path, cpu_trainer: Callable[..., L.Trainer]
+) -> None:
     timer = RunTimer(warmup_batches=5)
-    trainer = _trainer(tmp_path, timer, max_epochs=1, num_sanity_val_steps=0)
+    trainer = cpu_trainer(default_root_dir=tmp_path, callbacks=[timer], max_epochs=1)
     trainer.fit(SleepyModule(fast=0.01), _loader(3), _loader(2))
     result = timer.as_dict()
     assert result["throughput"]["train_images_per_s"] is None
@@ -155,10 +150,11 @@ def test_too_few_batches_for_warmup_gives_no_throughput(tmp_path: Path) -> None:
     assert result["timing"]["sanity_check"] is None
 
 
-def test_compile_time_is_the_first_batch_extra(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_compile_time_is_the_first_batch_extra(tmp_path: Path, cpu_trainer: Callable[..., L.Trainer]) -> None:
     timer = RunTimer(warmup_batches=1)
     module = SleepyModule(fast=0.02, first_extra=0.3, compile_layer=True)
-    trainer = _trainer(tmp_path, timer, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = cpu_trainer(default_root_dir=tmp_path, callbacks=[timer], max_epochs=1, limit_val_batches=0)
     trainer.fit(module, _loader(6))
     compile_s = timer.as_dict()["timing"]["compile"]
     # 0.3 s of planted extra work plus dynamo's tracing, minus the ~0.02 s of a regular batch.

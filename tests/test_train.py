@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR, PROJECT_ROOT, compose_cfg, demo_overrides
+from _project import CONF_DIR, PROJECT_ROOT, compose_cfg, demo_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -66,6 +66,7 @@ def test_a_wrong_setting_stops_before_any_work(data_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_demo_learns_the_planted_signal(demo_run: tuple[Path, dict, float]) -> None:
     _run_dir, summary, seconds = demo_run
     test = summary["metrics"]["test"]
@@ -74,6 +75,7 @@ def test_demo_learns_the_planted_signal(demo_run: tuple[Path, dict, float]) -> N
     assert seconds < 180, f"the demo must finish in 3 minutes on 2 cores, took {seconds:.0f} s"
 
 
+@pytest.mark.slow
 def test_run_directory_holds_the_contract(demo_run: tuple[Path, dict, float]) -> None:
     run_dir, _summary, _seconds = demo_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -100,6 +102,7 @@ def test_run_directory_holds_the_contract(demo_run: tuple[Path, dict, float]) ->
         assert (run_dir / "plots" / name).stat().st_size > 5_000, name
 
 
+@pytest.mark.slow
 def test_exported_model_reproduces_the_checkpoints_probabilities(
     demo_run: tuple[Path, dict, float], data_dir: Path
 ) -> None:
@@ -117,6 +120,7 @@ def test_exported_model_reproduces_the_checkpoints_probabilities(
     assert bundle.config["metrics"]["test"]["split"] == "official"
 
 
+@pytest.mark.slow
 def test_shuffled_training_labels_learn_nothing(data_dir: Path, tmp_path: Path) -> None:
     overrides = demo_overrides(
         data_dir, "shuffle_train_labels=true", "plots=false", "trainer.enable_progress_bar=false"
@@ -188,6 +192,7 @@ def test_multirun_leaves_one_run_directory_per_job(data_dir: Path, tmp_path: Pat
     assert lrs == [1e-3, 2e-3]
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_metrics_and_plots_without_printing_the_key(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -226,6 +231,7 @@ def test_wandb_offline_logs_metrics_and_plots_without_printing_the_key(
             assert secret.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_tensorboard_logger_writes_event_files(data_dir: Path, tmp_path: Path) -> None:
     overrides = ("logger=tensorboard", "trainer.max_epochs=1", "plots=false", "export_model=false")
     run_training(compose_cfg(demo_overrides(data_dir, *overrides), tmp_path))

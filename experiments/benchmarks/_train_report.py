@@ -7,7 +7,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from _train_config import Window
+from _train_loops import Window
 
 __all__ = ["summarise", "markdown"]
 

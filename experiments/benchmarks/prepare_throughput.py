@@ -1,15 +1,16 @@
 """Prepare throughput per core on the real NIH sample (100 PNGs, 1024 x 1024) against a plain PIL loop.
 
-Both sides do the same job, file -> 8-bit gray 256 x 256 array, one core each, in the same run:
+Both sides do the same job, file -> 8-bit gray S x S array (S = the config's `data.image_size`, 256), one
+core each, in the same run:
 
-- plain PIL: `Image.open(path).convert("L").resize((256, 256), Image.BOX)` (area averaging) -> numpy;
+- plain PIL: `Image.open(path).convert("L").resize((S, S), Image.BOX)` (area averaging) -> numpy;
 - `load_xray`: the project's decoding rule alone (OpenCV, INTER_AREA);
 - `prepare_cache(workers=1)`: the whole `xraycls prepare` (label parsing, chunk files, assembly included).
 
 Files are read once first so that every timing comes from the page cache. Each method runs `--rounds`
 times in rotation; the best round counts (least disturbed by other work on a shared machine), the
-median is reported too.
-OpenCV is held to one thread so that "per core" means one core. Target: prepare >= 1.2x plain PIL.
+median is reported too. OpenCV is held to one thread so that "per core" means one core.
+Target: prepare >= 1.2x plain PIL.
 
 Run: `python experiments/benchmarks/prepare_throughput.py [--rounds 15] [--out experiments/results]`.
 Writes `prepare_throughput_<date>.md` (table, machine, JSON) into `--out`.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -28,31 +28,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _machine import cpu_model
+import PIL
+from _common import PROJECT_ROOT, RESULTS, compose_config, cpu_model, versions, write
+from _nih_sample import link_shared_sample
 from PIL import Image
 
 from xraycls.data.cache import prepare_cache
 from xraycls.data.images import load_xray
-from xraycls.data.shared_sample import link_shared_sample
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 NIH_SHARED = PROJECT_ROOT.parent / "shared" / "nih"
-SIZE = 256
 TARGET = 1.2
 
 
-def _pil_loop(paths: list[Path]) -> None:
-    for path in paths:
-        with Image.open(path) as image:
-            np.asarray(image.convert("L").resize((SIZE, SIZE), Image.BOX))
-
-
-def _load_xray_loop(paths: list[Path]) -> None:
-    for path in paths:
-        load_xray(path, SIZE)
-
-
-def run(rounds: int) -> dict:
+def run(rounds: int, size: int) -> dict:
     cv2.setNumThreads(1)
     paths = sorted((NIH_SHARED / "sample").glob("*.png"))
     if len(paths) != 100:
@@ -61,21 +49,30 @@ def run(rounds: int) -> dict:
         )
     for path in paths:  # into the page cache
         path.read_bytes()
-    seconds: dict[str, list[float]] = {"plain_pil": [], "load_xray": [], "prepare_workers_1": []}
+
+    def plain_pil(_round: int) -> None:
+        for path in paths:
+            with Image.open(path) as image:
+                np.asarray(image.convert("L").resize((size, size), Image.BOX))
+
+    def prepare(round_number: int) -> None:
+        cache = Path(tmp) / f"cache{round_number}"
+        report = prepare_cache(root, cache, size=size, workers=1, chunk_size=25, progress=False)
+        assert report["ok"] == 100, report
+        shutil.rmtree(cache)
+
+    methods = {
+        "plain_pil": plain_pil,
+        "load_xray": lambda _round: [load_xray(path, size) for path in paths],
+        "prepare_workers_1": prepare,
+    }
+    seconds: dict[str, list[float]] = {method: [] for method in methods}
     with tempfile.TemporaryDirectory() as tmp:
         root = link_shared_sample(NIH_SHARED, Path(tmp) / "nih")
         for round_number in range(rounds):
-            for method in seconds:
+            for method, job in methods.items():
                 start = time.perf_counter()
-                if method == "plain_pil":
-                    _pil_loop(paths)
-                elif method == "load_xray":
-                    _load_xray_loop(paths)
-                else:
-                    cache = Path(tmp) / f"cache{round_number}"
-                    report = prepare_cache(root, cache, size=SIZE, workers=1, chunk_size=25, progress=False)
-                    assert report["ok"] == 100, report
-                    shutil.rmtree(cache)
+                job(round_number)
                 seconds[method].append(time.perf_counter() - start)
     rates = {method: round(len(paths) / min(times), 1) for method, times in seconds.items()}
     medians = {method: round(len(paths) / float(np.median(times)), 1) for method, times in seconds.items()}
@@ -85,7 +82,7 @@ def run(rounds: int) -> dict:
         "cores_used": 1,
         "images": len(paths),
         "source": "NIH ChestX-ray14 sample, 1024x1024 PNG (97 L, 3 RGBA)",
-        "size": SIZE,
+        "size": size,
         "rounds": rounds,
         "images_per_s_per_core": rates,
         "median_images_per_s_per_core": medians,
@@ -93,12 +90,7 @@ def run(rounds: int) -> dict:
         "load_xray_vs_pil": round(rates["load_xray"] / rates["plain_pil"], 2),
         "prepare_vs_pil_medians": round(medians["prepare_workers_1"] / medians["plain_pil"], 2),
         "target": TARGET,
-        "versions": {
-            "python": platform.python_version(),
-            "opencv": cv2.__version__,
-            "pillow": Image.__version__,
-            "numpy": np.__version__,
-        },
+        "versions": versions(cv2, PIL, np),
     }
 
 
@@ -128,15 +120,14 @@ def _markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", default=str(PROJECT_ROOT / "experiments" / "results"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = run(args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = int(compose_config(["data=nih"], tmp).data.image_size)
+    result = run(args.rounds, size)
     text = _markdown(result)
-    out = Path(args.out) / f"prepare_throughput_{result['date']}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
     print(text)
-    print(f"written: {out}")
+    write(args.out / f"prepare_throughput_{result['date']}.md", text)
 
 
 if __name__ == "__main__":

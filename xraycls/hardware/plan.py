@@ -139,9 +139,44 @@ def _devices_and_nodes(
     return _positive("devices", devices), _positive("nodes", nodes), source
 
 
-def _ipu_layout(
-    pod_ipus: Any, ipus_per_replica: Any, layers_per_ipu: Sequence[int] | None, model_depth: int | None
-) -> tuple[int, tuple[int, ...]]:
+def _resolve_accelerator(accelerator: str, cuda_devices: int | None) -> tuple[str, int]:
+    """`auto` -> gpu where CUDA sees a device, else cpu; the visible CUDA devices counted only when needed."""
+    if accelerator not in ACCELERATORS:
+        raise PlanError(f"hardware.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}")
+    if cuda_devices is None or accelerator == "auto":
+        import torch  # only here: the plan stays importable without touching CUDA
+
+        cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if accelerator == "auto":
+        accelerator = "gpu" if cuda_devices > 0 else "cpu"
+    return accelerator, cuda_devices
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where the replicas run: the Trainer's devices/nodes/strategy and, on the IPU, the pod layout."""
+
+    devices: int
+    nodes: int
+    replicas: int
+    strategy: str
+    source: str
+    ipus_per_replica: int | None = None
+    ipus: int | None = None
+    layers: tuple[int, ...] | None = None
+
+
+def _ipu_placement(
+    nodes: int | None,
+    pod_ipus: Any,
+    ipus_per_replica: Any,
+    layers_per_ipu: Sequence[int] | None,
+    model_depth: int | None,
+) -> _Placement:
+    """One host, `pod_ipus / ipus_per_replica` replicas (the Trainer's devices), each a ViT pipelined over
+    `ipus_per_replica` IPUs holding `layers_per_ipu` blocks."""
+    if nodes not in (None, 1):
+        raise PlanError(f"hardware.nodes={nodes!r}: Lightning's IPU strategy runs on one host; use 1")
     pod_ipus = _positive("pod_ipus", pod_ipus)
     ipus_per_replica = _positive("ipus_per_replica", ipus_per_replica)
     if pod_ipus % ipus_per_replica:
@@ -162,7 +197,57 @@ def _ipu_layout(
             f"hardware.layers_per_ipu={list(layers)} places {sum(layers)} transformer blocks, but the model "
             f"has {model_depth}; the counts must sum to the model depth"
         )
-    return pod_ipus // ipus_per_replica, layers
+    replicas = pod_ipus // ipus_per_replica
+    return _Placement(replicas, 1, replicas, "ipu", "config", ipus_per_replica, pod_ipus, layers)
+
+
+def _process_placement(
+    devices: int | None,
+    nodes: int | None,
+    device_iterations: int,
+    inference_iterations: int,
+    env: Mapping[str, str],
+    cuda_devices: int,
+) -> _Placement:
+    """CPU/GPU: one process per device on each node; DDP as soon as there is more than one replica."""
+    if device_iterations != 1 or inference_iterations != 1:
+        raise PlanError(
+            f"hardware.device_iterations={device_iterations} / inference_device_iterations="
+            f"{inference_iterations}: only the IPU runs several steps per host call; use 1"
+        )
+    devices_, nodes_, source = _devices_and_nodes(devices, nodes, env, cuda_devices)
+    replicas = devices_ * nodes_
+    return _Placement(devices_, nodes_, replicas, "ddp" if replicas > 1 else "auto", source)
+
+
+def _micro_batch(batch_size: int, micro_batch: int | None, replicas: int) -> int:
+    """The explicit micro-batch, else the data's step batch shared out over the replicas."""
+    if micro_batch is None:
+        if batch_size % replicas:
+            raise PlanError(
+                f"data.batch_size={batch_size} (the batch per step over all replicas) is not divisible by "
+                f"the {replicas} replicas; choose a multiple of {replicas} or set hardware.micro_batch"
+            )
+        micro_batch = batch_size // replicas
+    return _positive("micro_batch", micro_batch)
+
+
+def _accumulation(accumulation: int, global_batch: int | None, micro_batch: int, replicas: int) -> int:
+    """The configured accumulation, unless `global_batch` is set: then global / (micro x replicas)."""
+    per_step = micro_batch * replicas
+    if global_batch is not None:
+        global_batch = _positive("global_batch", global_batch)
+        if global_batch % per_step:
+            raise PlanError(
+                f"hardware.global_batch={global_batch} cannot be reached: micro_batch {micro_batch} x "
+                f"replicas {replicas} = {per_step} images per step does not divide it; choose a multiple "
+                f"of {per_step} or another micro_batch"
+            )
+        derived = global_batch // per_step
+        if derived != accumulation:
+            log.info("accumulation %d from global_batch %d (not %d)", derived, global_batch, accumulation)
+        accumulation = derived
+    return _positive("accumulation", accumulation)
 
 
 def resolve_plan(
@@ -193,14 +278,7 @@ def resolve_plan(
     `env` (default os.environ), else the `cuda_devices` visible. IPU (`accelerator="ipu"`) needs `pod_ipus`,
     `ipus_per_replica` and `layers_per_ipu` summing to `model_depth` (when given).
     """
-    if accelerator not in ACCELERATORS:
-        raise PlanError(f"hardware.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}")
-    if cuda_devices is None or accelerator == "auto":
-        import torch  # only here: the plan stays importable without touching CUDA
-
-        cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
-    if accelerator == "auto":
-        accelerator = "gpu" if cuda_devices > 0 else "cpu"
+    accelerator, cuda_devices = _resolve_accelerator(accelerator, cuda_devices)
     if env is None:
         import os
 
@@ -212,59 +290,24 @@ def resolve_plan(
         device_iterations if inference_device_iterations is None else inference_device_iterations,
     )
     resolved_precision = resolve_precision(precision, accelerator)
-
-    ipus: int | None = None
-    layers: tuple[int, ...] | None = None
-    if accelerator == "ipu":
-        if nodes not in (None, 1):
-            raise PlanError(f"hardware.nodes={nodes!r}: Lightning's IPU strategy runs on one host; use 1")
-        replicas, layers = _ipu_layout(pod_ipus, ipus_per_replica, layers_per_ipu, model_depth)
-        devices_, nodes_, source, strategy = replicas, 1, "config", "ipu"
-        ipus = replicas * int(ipus_per_replica)
-    else:
-        if device_iterations != 1 or inference_iterations != 1:
-            raise PlanError(
-                f"hardware.device_iterations={device_iterations} / inference_device_iterations="
-                f"{inference_iterations}: only the IPU runs several steps per host call; use 1"
-            )
-        devices_, nodes_, source = _devices_and_nodes(devices, nodes, env, cuda_devices)
-        replicas = devices_ * nodes_
-        strategy = "ddp" if replicas > 1 else "auto"
-
-    if micro_batch is None:
-        if batch_size % replicas:
-            raise PlanError(
-                f"data.batch_size={batch_size} (the batch per step over all replicas) is not divisible by "
-                f"the {replicas} replicas; choose a multiple of {replicas} or set hardware.micro_batch"
-            )
-        micro_batch = batch_size // replicas
-    micro_batch = _positive("micro_batch", micro_batch)
-    per_step = micro_batch * replicas
-    if global_batch is not None:
-        global_batch = _positive("global_batch", global_batch)
-        if global_batch % per_step:
-            raise PlanError(
-                f"hardware.global_batch={global_batch} cannot be reached: micro_batch {micro_batch} x "
-                f"replicas {replicas} = {per_step} images per step does not divide it; choose a multiple "
-                f"of {per_step} or another micro_batch"
-            )
-        derived = global_batch // per_step
-        if derived != accumulation:
-            log.info("accumulation %d from global_batch %d (not %d)", derived, global_batch, accumulation)
-        accumulation = derived
-    accumulation = _positive("accumulation", accumulation)
-
     on_ipu = accelerator == "ipu"
+    if on_ipu:
+        place = _ipu_placement(nodes, pod_ipus, ipus_per_replica, layers_per_ipu, model_depth)
+    else:
+        place = _process_placement(devices, nodes, device_iterations, inference_iterations, env, cuda_devices)
+    micro_batch = _micro_batch(batch_size, micro_batch, place.replicas)
+    accumulation = _accumulation(accumulation, global_batch, micro_batch, place.replicas)
+    per_step = micro_batch * place.replicas
     return HardwarePlan(
         name=str(name),
         accelerator=accelerator,
-        strategy=strategy,
-        devices=devices_,
-        nodes=nodes_,
-        replicas=replicas,
-        ipus_per_replica=int(ipus_per_replica) if on_ipu else None,
-        ipus=ipus,
-        layers_per_ipu=layers,
+        strategy=place.strategy,
+        devices=place.devices,
+        nodes=place.nodes,
+        replicas=place.replicas,
+        ipus_per_replica=place.ipus_per_replica,
+        ipus=place.ipus,
+        layers_per_ipu=place.layers,
         micro_batch=micro_batch,
         accumulation=accumulation,
         device_iterations=device_iterations,
@@ -273,7 +316,7 @@ def resolve_plan(
         samples_per_host_step=per_step * (accumulation * device_iterations if on_ipu else 1),
         loader_batch=micro_batch if on_ipu else per_step,
         precision=resolved_precision,
-        source=source,
+        source=place.source,
     )
 
 
