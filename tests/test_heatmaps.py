@@ -23,9 +23,10 @@ from PIL import Image
 from xraycls.data.images import load_xray
 from xraycls.data.labels import read_label_file
 from xraycls.data.synthetic import planted_signal_boxes
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.findings import FINDINGS, LABELS, NUM_LABELS
 from xraycls.inference.bundle import ModelBundle, load_bundle, make_preprocessing
-from xraycls.inference.heatmaps import DISCLAIMER, HEATMAP_METHOD, heatmap, heatmaps, save_heatmaps
+from xraycls.inference.heatmaps import HEATMAP_METHOD, heatmap, heatmaps, save_heatmaps
 from xraycls.inference.thresholds import choose_thresholds
 from xraycls.model.backbone import TINY_BACKBONE, create_backbone
 

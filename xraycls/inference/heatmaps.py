@@ -52,14 +52,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.inference.bundle import ModelBundle
 
-__all__ = ["HEATMAP_METHOD", "DISCLAIMER", "heatmap", "heatmaps", "save_heatmaps"]
+__all__ = ["HEATMAP_METHOD", "heatmap", "heatmaps", "save_heatmaps"]
 
 log = logging.getLogger(__name__)
 
 HEATMAP_METHOD = "HiResCAM (Grad-CAM, per-token gradients) averaged over the ViT blocks' input tokens"
-DISCLAIMER = "aid to be checked by a radiologist, not a diagnosis"
 _OVERLAY_ALPHA = 0.45
 _DPI = 110
 
