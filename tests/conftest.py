@@ -1,11 +1,14 @@
-"""Shared fixtures: where the genuine NIH files live, and a skip marker for machines without them."""
+"""Shared fixtures: where the genuine NIH files live (and a skip marker for machines without them), the
+tiny model of conf/model/vit_tiny.yaml, and the demo training run."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -29,6 +32,33 @@ def nih_shared() -> Path:
 CONF_DIR = PROJECT_ROOT / "conf"
 # The data `make demo` makes: enough positives per finding in every split for a stable AUROC.
 DEMO_IMAGES, DEMO_SIZE = 600, 128
+
+
+def _vit_tiny() -> dict[str, Any]:
+    """conf/model/vit_tiny.yaml's backbone at the demo's input size (conf/data/synthetic.yaml)."""
+    model = yaml.safe_load((CONF_DIR / "model" / "vit_tiny.yaml").read_text())
+    data = yaml.safe_load((CONF_DIR / "data" / "synthetic.yaml").read_text())
+    return {
+        "backbone": model["backbone"],
+        "img_size": int(data["input_size"]),
+        "patch_size": model["patch_size"],
+        "global_pool": model["global_pool"],
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> str:
+    """The tiny model's timm name (conf/model/vit_tiny.yaml: ``test_vit``)."""
+    return _vit_tiny()["backbone"]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_kwargs() -> dict[str, Any]:
+    """`create_backbone` / `XrayClassifier` keywords of the tiny model, as the demo builds it: img_size,
+    patch_size, global_pool (a fresh dict per session; tests copy it before changing it)."""
+    settings = _vit_tiny()
+    del settings["backbone"]
+    return settings
 
 
 def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
