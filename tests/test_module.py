@@ -335,7 +335,6 @@ def test_compile_flag_compiles_the_backbone_in_place(make_module: Callable[..., 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_classes": 14}, "num_classes"),
         ({"pos_weight": [1.0] * 14}, "pos_weight"),
         ({"pos_weight": [1.0] * 14 + [-1.0]}, "pos_weight"),
         ({"warmup_ratio": 2.0}, "warmup_ratio"),
@@ -349,6 +348,26 @@ def test_bad_settings_stop_before_any_download(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were the backbone built first, this would say "offline"
     with pytest.raises(ValueError, match=message):
         XrayClassifier(backbone=tiny_backbone, weights="hub", **kwargs)
+
+
+def test_num_classes_comes_from_the_labels_and_old_checkpoints_still_load(
+    fitted: tuple[L.Trainer, XrayClassifier, Path], tmp_path: Path, tiny_backbone: str
+) -> None:
+    trainer, module, _ = fitted
+    assert module.backbone.head.out_features == len(LABELS) and "num_classes" not in module.hparams
+    with pytest.raises(TypeError, match="num_classes"):
+        XrayClassifier(backbone=tiny_backbone, weights="none", num_classes=14)
+    # A checkpoint saved while num_classes was a setting carries it in its hyperparameters.
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["num_classes"] = 15
+    torch.save(checkpoint, path)
+    images = _toy(4, seed=5).tensors[0]
+    reloaded = XrayClassifier.load_from_checkpoint(path, weights="none").eval()
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), module(images))
 
 
 def test_nan_free_metrics_need_both_classes(fitted: tuple[L.Trainer, XrayClassifier, Path]) -> None:
