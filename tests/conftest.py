@@ -1,5 +1,6 @@
-"""Shared fixtures and marker hooks: the demo data and run, one torch thread, a quiet CPU Trainer; `real_nih`
-skips where ../shared/nih is absent, `gpu` where CUDA is. Paths and config helpers are in `_project.py`."""
+"""Shared fixtures and marker hooks: the demo data and run, the tiny model of conf/model/vit_tiny.yaml, one
+torch thread, a quiet CPU Trainer; `real_nih` skips where ../shared/nih is absent, `gpu` where CUDA is.
+Paths and config helpers are in `_project.py`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _project import DEMO_IMAGES, DEMO_SIZE, NIH_SHARED, compose_cfg, demo_overrides
+import yaml
+from _project import CONF_DIR, DEMO_IMAGES, DEMO_SIZE, NIH_SHARED, compose_cfg, demo_overrides
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -63,6 +65,33 @@ def cpu_trainer() -> Callable[..., Any]:
         return L.Trainer(**settings)
 
     return make
+
+
+def _vit_tiny() -> dict[str, Any]:
+    """conf/model/vit_tiny.yaml's backbone at the demo's input size (conf/data/synthetic.yaml)."""
+    model = yaml.safe_load((CONF_DIR / "model" / "vit_tiny.yaml").read_text())
+    data = yaml.safe_load((CONF_DIR / "data" / "synthetic.yaml").read_text())
+    return {
+        "backbone": model["backbone"],
+        "img_size": int(data["input_size"]),
+        "patch_size": model["patch_size"],
+        "global_pool": model["global_pool"],
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> str:
+    """The tiny model's timm name (conf/model/vit_tiny.yaml: ``test_vit``)."""
+    return _vit_tiny()["backbone"]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_kwargs() -> dict[str, Any]:
+    """`create_backbone` / `XrayClassifier` keywords of the tiny model, as the demo builds it: img_size,
+    patch_size, global_pool (a fresh dict per session; tests copy it before changing it)."""
+    settings = _vit_tiny()
+    del settings["backbone"]
+    return settings
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
@@ -17,8 +17,6 @@ from torch import nn
 
 from xraycls.model.backbone import (
     DEFAULT_BACKBONE,
-    TINY_BACKBONE,
-    TINY_BACKBONE_KWARGS,
     WeightsUnavailableError,
     check_hub_weights,
     create_backbone,
@@ -27,15 +25,21 @@ from xraycls.model.backbone import (
 )
 
 
-def _tiny(weights: str | Path = "none", **kwargs: object) -> nn.Module:
-    return create_backbone(TINY_BACKBONE, weights=weights, **{**TINY_BACKBONE_KWARGS, **kwargs}).eval()
+@pytest.fixture(scope="module")
+def tiny(tiny_backbone: str, tiny_backbone_kwargs: dict) -> Callable[..., nn.Module]:
+    """Builds the tiny model (conf/model/vit_tiny.yaml) with `weights` and keyword overrides, in eval mode."""
+
+    def build(weights: str | Path = "none", **kwargs: object) -> nn.Module:
+        return create_backbone(tiny_backbone, weights=weights, **{**tiny_backbone_kwargs, **kwargs}).eval()
+
+    return build
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
+def model(tiny: Callable[..., nn.Module]) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return _tiny()
+        return tiny()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def _same_outputs(a: nn.Module, b: nn.Module, images: torch.Tensor) -> bool:
 
 
 def test_tiny_backbone_is_small_and_fast(model: nn.Module, images: torch.Tensor) -> None:
-    assert model.patch_embed.grid_size == (8, 8)  # 64 px in patches of 8: 64 tokens (+ CLS)
+    assert model.patch_embed.grid_size == (4, 4)  # 64 px in patches of 16: 16 tokens (+ CLS)
     assert sum(p.numel() for p in model.parameters()) < 500_000
     timings = []
     threads = torch.get_num_threads()
@@ -67,32 +71,38 @@ def test_tiny_backbone_is_small_and_fast(model: nn.Module, images: torch.Tensor)
     assert min(timings) < 0.25, f"tiny ViT forward took {min(timings):.3f} s at best"
 
 
-def test_safetensors_round_trip(model: nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
+def test_safetensors_round_trip(
+    model: nn.Module, images: torch.Tensor, tmp_path: Path, tiny: Callable[..., nn.Module]
+) -> None:
     path = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file(model.state_dict(), str(path))
-    assert _same_outputs(model, _tiny(path), images)
+    assert _same_outputs(model, tiny(path), images)
 
 
-def test_pth_state_dict_round_trip(model: nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
+def test_pth_state_dict_round_trip(
+    model: nn.Module, images: torch.Tensor, tmp_path: Path, tiny: Callable[..., nn.Module]
+) -> None:
     path = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), path)
-    assert _same_outputs(model, _tiny(path), images)
+    assert _same_outputs(model, tiny(path), images)
 
 
 def test_training_checkpoint_with_backbone_prefix(
-    model: nn.Module, images: torch.Tensor, tmp_path: Path
+    model: nn.Module, images: torch.Tensor, tmp_path: Path, tiny: Callable[..., nn.Module]
 ) -> None:
     # An xraycls Lightning checkpoint: the module's state_dict under "state_dict", keys "backbone.*".
     state = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     path = tmp_path / "last.ckpt"
     torch.save({"epoch": 3, "state_dict": state, "hyper_parameters": {"lr": 2e-4}}, path)
-    assert _same_outputs(model, _tiny(path), images)
+    assert _same_outputs(model, tiny(path), images)
 
 
-def test_flat_npz_round_trip(model: nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
+def test_flat_npz_round_trip(
+    model: nn.Module, images: torch.Tensor, tmp_path: Path, tiny: Callable[..., nn.Module]
+) -> None:
     path = tmp_path / "tiny.npz"
     np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})
-    assert _same_outputs(model, _tiny(path), images)
+    assert _same_outputs(model, tiny(path), images)
 
 
 def _google_layout(model: nn.Module) -> dict[str, np.ndarray]:
@@ -127,23 +137,31 @@ def _google_layout(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def test_google_jax_npz_round_trip(model: nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
+def test_google_jax_npz_round_trip(
+    images: torch.Tensor, tmp_path: Path, tiny: Callable[..., nn.Module]
+) -> None:
+    # Google's checkpoints are CLS-token ViTs (a final norm, no fc_norm): the tiny model, CLS-token pooled.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tiny(global_pool="token")
     path = tmp_path / "ViT-tiny.npz"
     np.savez(path, **_google_layout(model))
-    assert _same_outputs(model, _tiny(path), images)
+    assert _same_outputs(model, tiny(path, global_pool="token"), images)
 
 
-def test_other_head_is_replaced_and_position_grid_resampled(model: nn.Module, tmp_path: Path) -> None:
+def test_other_head_is_replaced_and_position_grid_resampled(
+    model: nn.Module, tmp_path: Path, tiny: Callable[..., nn.Module]
+) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        imagenet = _tiny(num_classes=1000)  # a file with a 1000-way head, like a pretrained checkpoint
+        imagenet = tiny(num_classes=1000)  # a file with a 1000-way head, like a pretrained checkpoint
     path = tmp_path / "in1k.safetensors"
     safetensors.torch.save_file(imagenet.state_dict(), str(path))
 
-    loaded = _tiny(path, img_size=96)
+    loaded = tiny(path, img_size=96)
     assert loaded.head.weight.shape == (15, 64)
     assert torch.equal(loaded.blocks[3].mlp.fc1.weight, imagenet.blocks[3].mlp.fc1.weight)
-    assert loaded.pos_embed.shape == (1, 1 + 12 * 12, 64)  # 96 / 8 = 12 patches a side, resampled
+    assert loaded.pos_embed.shape == (1, 1 + 6 * 6, 64)  # 96 / 16 = 6 patches a side, resampled
     assert torch.equal(loaded.pos_embed[:, 0], imagenet.pos_embed[:, 0])  # the CLS position is kept
 
 
@@ -157,30 +175,30 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_pickled_code_is_refused_and_never_run(tmp_path: Path) -> None:
+def test_pickled_code_is_refused_and_never_run(tmp_path: Path, tiny: Callable[..., nn.Module]) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, path)
     with pytest.raises(ValueError, match=r"evil\.pth.*will not be unpickled"):
         load_weights_file(path)
     with pytest.raises(ValueError, match="evil.pth"):
-        _tiny(path)
+        tiny(path)
     assert not marker.exists()
 
 
-def test_bad_files_are_named(model: nn.Module, tmp_path: Path) -> None:
+def test_bad_files_are_named(model: nn.Module, tmp_path: Path, tiny: Callable[..., nn.Module]) -> None:
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        _tiny(tmp_path / "missing.safetensors")
+        tiny(tmp_path / "missing.safetensors")
     odd = tmp_path / "weights.h5"
     odd.write_bytes(b"\x89HDF")
     with pytest.raises(ValueError, match=r"weights\.h5.*unknown format"):
-        _tiny(odd)
+        tiny(odd)
     wider = tmp_path / "wider.safetensors"
     safetensors.torch.save_file(
         create_backbone("vit_tiny_patch16_224", weights="none").state_dict(), str(wider)
     )
     with pytest.raises(ValueError, match=r"wider\.safetensors.*does not fit backbone 'test_vit'"):
-        _tiny(wider)
+        tiny(wider)
     with pytest.raises(ValueError, match="not a timm model"):
         create_backbone("vit_bogus_patch99", weights="none")
 
@@ -265,12 +283,15 @@ def test_silent_hub_times_out(
 
 
 def test_hub_weights_from_the_local_cache_work_offline(
-    empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch, images: torch.Tensor
+    empty_hub_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    images: torch.Tensor,
+    tiny: Callable[..., nn.Module],
 ) -> None:
     # Lay out the hub cache as huggingface_hub does for timm/test_vit.r160_in1k (test_vit's default tag).
     with torch.random.fork_rng():
         torch.manual_seed(2)
-        pretrained = _tiny(num_classes=1000)
+        pretrained = tiny(num_classes=1000)
     repo = empty_hub_cache / "models--timm--test_vit.r160_in1k"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
@@ -282,7 +303,7 @@ def test_hub_weights_from_the_local_cache_work_offline(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
-    loaded = _tiny("hub")
+    loaded = tiny("hub")
     assert loaded.head.weight.shape == (15, 64)  # the 1000-way head is replaced
     with torch.no_grad():
         assert torch.equal(loaded.forward_features(images), pretrained.forward_features(images))
@@ -306,7 +327,10 @@ def test_param_groups_skip_weight_decay_on_biases_norms_and_embeddings(model: nn
         assert settings[name] == (1e-3, 0.05), name
 
 
-def test_layer_decay_gives_early_layers_smaller_lr(model: nn.Module) -> None:
+def test_layer_decay_gives_early_layers_smaller_lr(tiny: Callable[..., nn.Module]) -> None:
+    # ViT-B/16's layout, CLS-token pooled: its final norm sits before the head (average pooling's fc_norm
+    # comes after the pooling and goes with the head).
+    model = tiny(global_pool="token")
     lr, decay, depth = 1e-3, 0.5, len(model.blocks)  # test_vit: depth 6
     settings = _lr_and_decay_by_name(model, param_groups(model, lr, 0.05, layer_decay=decay))
     assert settings["head.weight"][0] == pytest.approx(lr)

@@ -4,6 +4,7 @@ preprocessing is the training pipeline's own; broken bundles fail with one clear
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -22,9 +23,8 @@ from xraycls.inference.bundle import (
     load_bundle,
     make_preprocessing,
 )
-from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS, create_backbone
+from xraycls.model.backbone import create_backbone
 
-KWARGS = {"num_classes": NUM_LABELS, **TINY_BACKBONE_KWARGS, "drop_path_rate": 0.0}
 # Not the default 0.5/0.5 and a cache size other than the input size: a loader ignoring either would fail.
 PREP = make_preprocessing(image_size=80, input_size=64, mean=0.45, std=0.3)
 
@@ -32,19 +32,33 @@ PREP = make_preprocessing(image_size=80, input_size=64, mean=0.45, std=0.3)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _backbone(seed: int = 0) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = create_backbone(TINY_BACKBONE, weights="none", **KWARGS)
-        # A wider head than timm's small init: clearly non-zero logits make the comparisons meaningful.
-        torch.nn.init.normal_(model.head.weight, std=0.5)
-    return model.eval()
+@pytest.fixture(scope="module")
+def kwargs(tiny_backbone_kwargs: dict) -> dict:
+    """The bundle's backbone_kwargs: the tiny model (conf/model/vit_tiny.yaml) with a 15-way head."""
+    return {"num_classes": NUM_LABELS, **tiny_backbone_kwargs, "drop_path_rate": 0.0}
 
 
-def _export(model: torch.nn.Module, out: Path, **kwargs: object) -> Path:
-    return export_bundle(
-        model, out, backbone_name=TINY_BACKBONE, backbone_kwargs=KWARGS, preprocessing=PREP, **kwargs
-    )
+@pytest.fixture(scope="module")
+def build_backbone(tiny_backbone: str, kwargs: dict) -> Callable[..., torch.nn.Module]:
+    def build(seed: int = 0) -> torch.nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = create_backbone(tiny_backbone, weights="none", **kwargs)
+            # A wider head than timm's small init: clearly non-zero logits make the comparisons meaningful.
+            torch.nn.init.normal_(model.head.weight, std=0.5)
+        return model.eval()
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def export_tiny(tiny_backbone: str, kwargs: dict) -> Callable[..., Path]:
+    def export(model: torch.nn.Module, out: Path, **extra: object) -> Path:
+        return export_bundle(
+            model, out, backbone_name=tiny_backbone, backbone_kwargs=kwargs, preprocessing=PREP, **extra
+        )
+
+    return export
 
 
 def _xray_files(folder: Path, count: int = 3) -> list[Path]:
@@ -59,22 +73,26 @@ def _xray_files(folder: Path, count: int = 3) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    build_backbone: Callable[..., torch.nn.Module],
+    export_tiny: Callable[..., Path],
+) -> Path:
     metrics = {
         "test": {"split": "official", "auroc_macro14": 0.81, "auroc_per_finding": {"Hernia": float("nan")}}
     }
-    return _export(
-        _backbone(), tmp_path_factory.mktemp("run") / "model", metrics=metrics, extra={"thr": [0.5]}
+    return export_tiny(
+        build_backbone(), tmp_path_factory.mktemp("run") / "model", metrics=metrics, extra={"thr": [0.5]}
     )
 
 
-def test_bundle_holds_weights_and_config_only(bundle_dir: Path) -> None:
+def test_bundle_holds_weights_and_config_only(bundle_dir: Path, kwargs: dict, tiny_backbone: str) -> None:
     assert sorted(p.name for p in bundle_dir.iterdir()) == [BUNDLE_CONFIG, BUNDLE_WEIGHTS]  # no pickle
     assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["model"]  # no temporary folder left
     config = json.loads((bundle_dir / BUNDLE_CONFIG).read_text())
     assert config["format_version"] == BUNDLE_FORMAT_VERSION
-    assert config["backbone"] == TINY_BACKBONE
-    assert config["backbone_kwargs"] == KWARGS
+    assert config["backbone"] == tiny_backbone
+    assert config["backbone_kwargs"] == kwargs
     assert config["labels"] == list(LABELS)
     assert config["preprocessing"] == PREP
     assert config["metrics"]["test"] == {
@@ -86,8 +104,10 @@ def test_bundle_holds_weights_and_config_only(bundle_dir: Path) -> None:
     assert config["xraycls_version"]
 
 
-def test_reloaded_model_gives_identical_logits(bundle_dir: Path) -> None:
-    original = _backbone()
+def test_reloaded_model_gives_identical_logits(
+    bundle_dir: Path, build_backbone: Callable[..., torch.nn.Module]
+) -> None:
+    original = build_backbone()
     bundle = load_bundle(bundle_dir)
     assert not bundle.model.training
     assert bundle.labels == list(LABELS) and bundle.preprocessing == PREP
@@ -96,7 +116,7 @@ def test_reloaded_model_gives_identical_logits(bundle_dir: Path) -> None:
         expected = original(x)
         assert expected.abs().max() > 0.1  # not a trivial all-zero output
         assert torch.equal(bundle.model(x), expected)
-        assert not torch.equal(_backbone(seed=1)(x), expected)  # another init would not pass
+        assert not torch.equal(build_backbone(seed=1)(x), expected)  # another init would not pass
 
 
 def test_preprocess_is_the_training_pipeline(bundle_dir: Path, tmp_path: Path) -> None:
@@ -140,76 +160,88 @@ def test_preprocess_rejects_images_not_at_the_cache_size(bundle_dir: Path) -> No
         bundle.predict_proba(images, batch_size=2)
 
 
-def test_tied_and_non_contiguous_parameters_export(tmp_path: Path) -> None:
-    model = _backbone()
+def test_tied_and_non_contiguous_parameters_export(
+    tmp_path: Path, build_backbone: Callable[..., torch.nn.Module], export_tiny: Callable[..., Path]
+) -> None:
+    model = build_backbone()
     model.blocks[1].norm1.weight = model.blocks[0].norm1.weight  # two names, one storage
     with torch.no_grad():
         model.blocks[0].norm1.weight.mul_(1.5)
     proj = model.blocks[0].attn.proj
     proj.weight = torch.nn.Parameter(proj.weight.detach().t().contiguous().t())  # a transposed view
     assert not proj.weight.is_contiguous()
-    bundle = load_bundle(_export(model, tmp_path / "model"))
+    bundle = load_bundle(export_tiny(model, tmp_path / "model"))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(bundle.model(x), model(x))
 
 
-def test_a_torch_compiled_backbone_exports_its_plain_keys(tmp_path: Path) -> None:
-    model = _backbone()
+def test_a_torch_compiled_backbone_exports_its_plain_keys(
+    tmp_path: Path, build_backbone: Callable[..., torch.nn.Module], export_tiny: Callable[..., Path]
+) -> None:
+    model = build_backbone()
     compiled = torch.compile(model, backend="eager")  # an OptimizedModule: keys prefixed "_orig_mod."
-    bundle = load_bundle(_export(compiled, tmp_path / "model"))
+    bundle = load_bundle(export_tiny(compiled, tmp_path / "model"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(bundle.model(x), model(x))
 
 
-def test_reexport_replaces_a_bundle_but_never_other_folders(bundle_dir: Path, tmp_path: Path) -> None:
-    out = _export(_backbone(seed=0), tmp_path / "model")
-    _export(_backbone(seed=3), out, metrics={"val": {"auroc_macro14": 0.5}})
+def test_reexport_replaces_a_bundle_but_never_other_folders(
+    bundle_dir: Path,
+    tmp_path: Path,
+    build_backbone: Callable[..., torch.nn.Module],
+    export_tiny: Callable[..., Path],
+) -> None:
+    out = export_tiny(build_backbone(seed=0), tmp_path / "model")
+    export_tiny(build_backbone(seed=3), out, metrics={"val": {"auroc_macro14": 0.5}})
     assert json.loads((out / BUNDLE_CONFIG).read_text())["metrics"] == {"val": {"auroc_macro14": 0.5}}
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(load_bundle(out).model(x), _backbone(seed=3)(x))
+        assert torch.equal(load_bundle(out).model(x), build_backbone(seed=3)(x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"notes: it exists and is not a model bundle"):
-        _export(_backbone(), precious)
+        export_tiny(build_backbone(), precious)
     assert [p.name for p in precious.iterdir()] == ["keep.txt"]
 
 
-def test_export_checks_its_arguments(tmp_path: Path) -> None:
-    model = _backbone()
+def test_export_checks_its_arguments(
+    tmp_path: Path, build_backbone: Callable[..., torch.nn.Module], kwargs: dict, tiny_backbone: str
+) -> None:
+    model = build_backbone()
     with pytest.raises(ValueError, match=r"do not rebuild the exported 'test_vit'.*pos_embed"):
         export_bundle(
             model,
             tmp_path / "a",
-            backbone_name=TINY_BACKBONE,
-            backbone_kwargs={**KWARGS, "img_size": 32},
+            backbone_name=tiny_backbone,
+            backbone_kwargs={**kwargs, "img_size": 32},
             preprocessing=PREP,
         )
     with pytest.raises(ValueError, match=r"num_classes must be 15"):
         export_bundle(
             model,
             tmp_path / "a",
-            backbone_name=TINY_BACKBONE,
-            backbone_kwargs={**KWARGS, "num_classes": 14},
+            backbone_name=tiny_backbone,
+            backbone_kwargs={**kwargs, "num_classes": 14},
             preprocessing=PREP,
         )
     with pytest.raises(ValueError, match=r"preprocessing lacks \['std'\]"):
         export_bundle(
             model,
             tmp_path / "a",
-            backbone_name=TINY_BACKBONE,
-            backbone_kwargs=KWARGS,
+            backbone_name=tiny_backbone,
+            backbone_kwargs=kwargs,
             preprocessing={k: v for k, v in PREP.items() if k != "std"},
         )
     assert not (tmp_path / "a").exists()
 
 
 def _broken_copy(bundle_dir: Path, tmp_path: Path, **changes: object) -> Path:
+    """A copy of the bundle with config.json keys changed: None deletes, a mapping updates the stored one."""
     copy = tmp_path / "broken"
     copy.mkdir()
     (copy / BUNDLE_WEIGHTS).write_bytes((bundle_dir / BUNDLE_WEIGHTS).read_bytes())
@@ -217,6 +249,8 @@ def _broken_copy(bundle_dir: Path, tmp_path: Path, **changes: object) -> Path:
     for key, value in changes.items():
         if value is None:
             del config[key]
+        elif isinstance(value, dict):
+            config[key] = {**config[key], **value}
         else:
             config[key] = value
     (copy / BUNDLE_CONFIG).write_text(json.dumps(config))
@@ -236,11 +270,11 @@ def _broken_copy(bundle_dir: Path, tmp_path: Path, **changes: object) -> Path:
             r"broken: config.json lacks \['backbone', 'preprocessing'\]",
         ),
         (
-            {"backbone_kwargs": {**KWARGS, "patch_size": 16}},
+            {"backbone_kwargs": {"patch_size": 8}},
             r"broken: model.safetensors does not fit backbone",
         ),
         (
-            {"backbone_kwargs": {**KWARGS, "num_classes": 14}},
+            {"backbone_kwargs": {"num_classes": 14}},
             r"broken: backbone_kwargs must be .* num_classes=15",
         ),
         ({"backbone": "no_such_net"}, r"broken: model.backbone='no_such_net' is not a timm model"),

@@ -10,6 +10,7 @@ the VALIDATION set with the exported weights, and stored the same values in mode
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -22,11 +23,12 @@ from PIL import Image
 from xraycls.data.images import load_xray
 from xraycls.data.labels import read_label_file
 from xraycls.data.synthetic import planted_signal_boxes
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.findings import FINDINGS, LABELS, NUM_LABELS
 from xraycls.inference.bundle import ModelBundle, load_bundle, make_preprocessing
-from xraycls.inference.heatmaps import DISCLAIMER, HEATMAP_METHOD, heatmap, heatmaps, save_heatmaps
+from xraycls.inference.heatmaps import HEATMAP_METHOD, heatmap, heatmaps, save_heatmaps
 from xraycls.inference.thresholds import choose_thresholds
-from xraycls.model.backbone import TINY_BACKBONE, create_backbone
+from xraycls.model.backbone import create_backbone
 
 # The demo as `make demo` trains it (test auroc_macro14 ~0.97). The thresholds below hold with a margin on
 # each of five demo models measured (seeds 0-3; seed 0 with 1 and with 2 torch threads): the session's
@@ -181,22 +183,27 @@ def test_thresholds_are_chosen_on_validation_and_stored_with_the_model(
             assert mine[key] == theirs[key], (name, key)
 
 
-def _tiny_cls_vit(seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        # test_vit's own pooling: the CLS token (global_pool="token"), like ViT-B/16.
-        model = create_backbone(
-            TINY_BACKBONE, weights="none", num_classes=NUM_LABELS, img_size=64, patch_size=8
-        )
-    return model.eval()
+@pytest.fixture(scope="module")
+def tiny_cls_vit(tiny_backbone: str, tiny_backbone_kwargs: dict) -> Callable[[int], torch.nn.Module]:
+    """Builds the tiny model (conf/model/vit_tiny.yaml) with `seed`, pooled by the CLS token instead."""
+
+    def build(seed: int) -> torch.nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            # test_vit's own pooling: the CLS token (global_pool="token"), like ViT-B/16.
+            settings = {**tiny_backbone_kwargs, "global_pool": "token"}
+            model = create_backbone(tiny_backbone, weights="none", num_classes=NUM_LABELS, **settings)
+        return model.eval()
+
+    return build
 
 
-def test_cls_token_vits_get_a_class_dependent_map() -> None:
+def test_cls_token_vits_get_a_class_dependent_map(tiny_cls_vit: Callable[[int], torch.nn.Module]) -> None:
     """Only the CLS token of the last block's output reaches the head; the map must still be non-zero,
     vary over the image and differ between findings. ViT-B/16 (random weights) at its 224 px."""
     rng = np.random.default_rng(0)
     for model, size in (
-        (_tiny_cls_vit(0), 64),
+        (tiny_cls_vit(0), 64),
         (create_backbone("vit_base_patch16_224", weights="none", num_classes=NUM_LABELS).eval(), 224),
     ):
         assert model.global_pool == "token"
@@ -210,8 +217,8 @@ def test_cls_token_vits_get_a_class_dependent_map() -> None:
         assert all(p.grad is None for p in model.parameters())  # only activation gradients were taken
 
 
-def test_bad_requests_name_the_problem() -> None:
-    model = _tiny_cls_vit(1)
+def test_bad_requests_name_the_problem(tiny_cls_vit: Callable[[int], torch.nn.Module]) -> None:
+    model = tiny_cls_vit(1)
     image = torch.zeros(1, 3, 64, 64)
     with pytest.raises(ValueError, match=r"label indices \[15\] outside the model's 15 outputs"):
         heatmap(model, image, 15)

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from xraycls.findings import LABELS, NUM_LABELS
-from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS, create_backbone
+from xraycls.model.backbone import create_backbone
 from xraycls.model.metrics import XrayMetrics
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.model.schedule import warmup_cosine_factor
@@ -43,20 +43,28 @@ def _loader(n: int, seed: int, shuffle: bool = False) -> DataLoader:
     return DataLoader(_toy(n, seed), batch_size=BATCH, shuffle=shuffle, generator=generator)
 
 
-def _module(**kwargs: Any) -> XrayClassifier:
-    settings = {"backbone": TINY_BACKBONE, "weights": "none", **TINY_BACKBONE_KWARGS, **kwargs}
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return XrayClassifier(**settings)
+@pytest.fixture(scope="module")
+def make_module(tiny_backbone: str, tiny_backbone_kwargs: dict) -> Callable[..., XrayClassifier]:
+    """Builds the module around the tiny model (conf/model/vit_tiny.yaml), seed 0, with keyword overrides."""
+
+    def build(**kwargs: Any) -> XrayClassifier:
+        settings = {"backbone": tiny_backbone, "weights": "none", **tiny_backbone_kwargs, **kwargs}
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return XrayClassifier(**settings)
+
+    return build
 
 
 @pytest.fixture(scope="module")
 def fitted(
-    tmp_path_factory: pytest.TempPathFactory, cpu_trainer: Callable[..., L.Trainer]
+    tmp_path_factory: pytest.TempPathFactory,
+    cpu_trainer: Callable[..., L.Trainer],
+    make_module: Callable[..., XrayClassifier],
 ) -> tuple[L.Trainer, XrayClassifier, Path]:
     """Four epochs on 128 toy images, validated on 64 others, then tested; metrics.csv from CSVLogger."""
     root = tmp_path_factory.mktemp("fit")
-    module = _module(lr=2e-3, warmup_ratio=0.1, weight_decay=0.01)
+    module = make_module(lr=2e-3, warmup_ratio=0.1, weight_decay=0.01)
     logger = CSVLogger(root, name="run", version=0)
     trainer = cpu_trainer(default_root_dir=root, max_epochs=4, logger=logger, log_every_n_steps=1)
     trainer.fit(module, _loader(128, seed=1, shuffle=True), _loader(64, seed=2))
@@ -112,15 +120,18 @@ def test_predict_returns_probabilities(fitted: tuple[L.Trainer, XrayClassifier, 
 
 @pytest.mark.slow
 def test_checkpoint_reloads_as_module_and_as_backbone_weights(
-    fitted: tuple[L.Trainer, XrayClassifier, Path], tmp_path: Path
+    fitted: tuple[L.Trainer, XrayClassifier, Path],
+    tmp_path: Path,
+    tiny_backbone_kwargs: dict,
+    tiny_backbone: str,
 ) -> None:
     trainer, module, _ = fitted
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
     images = _toy(8, seed=4).tensors[0]
     reloaded = XrayClassifier.load_from_checkpoint(path, weights="none").eval()
-    assert reloaded.hparams.backbone == TINY_BACKBONE and reloaded.hparams.lr == 2e-3
-    backbone = create_backbone(TINY_BACKBONE, weights=path, **TINY_BACKBONE_KWARGS).eval()
+    assert reloaded.hparams.backbone == tiny_backbone and reloaded.hparams.lr == 2e-3
+    backbone = create_backbone(tiny_backbone, weights=path, **tiny_backbone_kwargs).eval()
     module.eval()
     with torch.no_grad():
         expected = module(images)
@@ -128,8 +139,10 @@ def test_checkpoint_reloads_as_module_and_as_backbone_weights(
         assert torch.equal(backbone(images), expected)
 
 
-def test_steps_run_without_a_trainer_and_never_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _module()
+def test_steps_run_without_a_trainer_and_never_log(
+    monkeypatch: pytest.MonkeyPatch, make_module: Callable[..., XrayClassifier]
+) -> None:
+    module = make_module()
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a step called self.log")
@@ -175,9 +188,9 @@ class _ScheduleProbe(L.Callback):
 
 @pytest.mark.slow
 def test_lr_schedule_steps_once_per_optimizer_step(
-    tmp_path: Path, cpu_trainer: Callable[..., L.Trainer]
+    tmp_path: Path, cpu_trainer: Callable[..., L.Trainer], make_module: Callable[..., XrayClassifier]
 ) -> None:
-    module = _module(lr=1e-3, warmup_ratio=0.5)
+    module = make_module(lr=1e-3, warmup_ratio=0.5)
     probe = _ScheduleProbe()
     trainer = cpu_trainer(
         default_root_dir=tmp_path,
@@ -218,7 +231,10 @@ class _HostReads(TorchDispatchMode):
 
 @pytest.mark.slow
 def test_batch_hooks_only_keep_outputs_and_log_on_the_loggers_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_trainer: Callable[..., L.Trainer]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cpu_trainer: Callable[..., L.Trainer],
+    make_module: Callable[..., XrayClassifier],
 ) -> None:
     """Per batch the module keeps the detached logits and labels and reads nothing back to the host; it
     logs `train/loss` and `lr` only on the steps the logger writes; the metrics update once per stage and
@@ -231,7 +247,7 @@ def test_batch_hooks_only_keep_outputs_and_log_on_the_loggers_steps(
         update(self, logits, *args)
 
     monkeypatch.setattr(XrayMetrics, "update", record_update)
-    module = _module()
+    module = make_module()
     reads = _HostReads()
     for hook in ("on_train_batch_end", "on_validation_batch_end"):
         original = getattr(module, hook)
@@ -260,9 +276,9 @@ def test_batch_hooks_only_keep_outputs_and_log_on_the_loggers_steps(
     assert trainer.progress_bar_metrics.keys() == {"val/loss", "val/auroc_macro14"}
 
 
-def test_pos_weight_changes_the_loss_as_computed_by_hand() -> None:
+def test_pos_weight_changes_the_loss_as_computed_by_hand(make_module: Callable[..., XrayClassifier]) -> None:
     weights = [float(w) for w in np.linspace(0.5, 8.0, NUM_LABELS)]
-    weighted, plain = _module(pos_weight=weights), _module()
+    weighted, plain = make_module(pos_weight=weights), make_module()
     rng = np.random.default_rng(8)
     logits = torch.from_numpy(rng.normal(size=(6, NUM_LABELS)).astype(np.float32))
     labels = torch.from_numpy((rng.random((6, NUM_LABELS)) < 0.4).astype(np.float32))
@@ -286,9 +302,9 @@ def test_pos_weight_from_prevalence() -> None:
 
 
 def test_layer_decay_gives_early_blocks_smaller_lr(
-    tmp_path: Path, cpu_trainer: Callable[..., L.Trainer]
+    tmp_path: Path, cpu_trainer: Callable[..., L.Trainer], make_module: Callable[..., XrayClassifier]
 ) -> None:
-    module = _module(lr=1e-3, layer_decay=0.5)
+    module = make_module(lr=1e-3, layer_decay=0.5)
     module.trainer = cpu_trainer(default_root_dir=tmp_path, max_epochs=-1, max_steps=10)
     config = module.configure_optimizers()
     optimizer = config["optimizer"]
@@ -301,21 +317,20 @@ def test_layer_decay_gives_early_blocks_smaller_lr(
     assert optimizer.param_groups[0]["lr"] == 0.0  # the warm-up starts from 0
 
 
-def test_compile_flag_compiles_the_backbone_in_place() -> None:
+def test_compile_flag_compiles_the_backbone_in_place(make_module: Callable[..., XrayClassifier]) -> None:
     if not hasattr(torch.nn.Module, "compile"):  # torch < 2.2: the legacy IPU stack (make test-legacy)
         with pytest.raises(ValueError, match=r"model.compile=true needs torch >= 2.2"):
-            _module(compile=True)
+            make_module(compile=True)
         return
-    module = _module(compile=True)
+    module = make_module(compile=True)
     assert module.backbone._compiled_call_impl is not None  # forward goes through torch.compile
     assert all(not key.startswith("_orig_mod") for key in module.state_dict())
-    assert _module().backbone._compiled_call_impl is None
+    assert make_module().backbone._compiled_call_impl is None
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_classes": 14}, "num_classes"),
         ({"pos_weight": [1.0] * 14}, "pos_weight"),
         ({"pos_weight": [1.0] * 14 + [-1.0]}, "pos_weight"),
         ({"warmup_ratio": 2.0}, "warmup_ratio"),
@@ -324,11 +339,31 @@ def test_compile_flag_compiles_the_backbone_in_place() -> None:
     ],
 )
 def test_bad_settings_stop_before_any_download(
-    kwargs: dict, message: str, monkeypatch: pytest.MonkeyPatch
+    kwargs: dict, message: str, monkeypatch: pytest.MonkeyPatch, tiny_backbone: str
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were the backbone built first, this would say "offline"
     with pytest.raises(ValueError, match=message):
-        XrayClassifier(backbone=TINY_BACKBONE, weights="hub", **kwargs)
+        XrayClassifier(backbone=tiny_backbone, weights="hub", **kwargs)
+
+
+def test_num_classes_comes_from_the_labels_and_old_checkpoints_still_load(
+    fitted: tuple[L.Trainer, XrayClassifier, Path], tmp_path: Path, tiny_backbone: str
+) -> None:
+    trainer, module, _ = fitted
+    assert module.backbone.head.out_features == len(LABELS) and "num_classes" not in module.hparams
+    with pytest.raises(TypeError, match="num_classes"):
+        XrayClassifier(backbone=tiny_backbone, weights="none", num_classes=14)
+    # A checkpoint saved while num_classes was a setting carries it in its hyperparameters.
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["num_classes"] = 15
+    torch.save(checkpoint, path)
+    images = _toy(4, seed=5).tensors[0]
+    reloaded = XrayClassifier.load_from_checkpoint(path, weights="none").eval()
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), module(images))
 
 
 @pytest.mark.slow

@@ -21,9 +21,8 @@ from xraycls.data.images import load_xray
 from xraycls.findings import LABELS, NUM_LABELS
 from xraycls.inference.bundle import ModelBundle, export_bundle, load_bundle, make_preprocessing
 from xraycls.inference.onnx_export import ONNX_INPUT, ONNX_OUTPUT, OnnxMismatchError, export_onnx
-from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS, create_backbone
+from xraycls.model.backbone import create_backbone
 
-KWARGS = {"num_classes": NUM_LABELS, **TINY_BACKBONE_KWARGS}
 # Not the default 0.5/0.5, and a cache size other than the input size: an export ignoring either would fail.
 PREP = make_preprocessing(image_size=80, input_size=64, mean=0.45, std=0.3)
 THRESHOLDS = {"method": "youden", "per_finding": {name: {"threshold": 0.4} for name in LABELS}}
@@ -33,17 +32,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: str, tiny_backbone_kwargs: dict
+) -> Path:
+    kwargs = {"num_classes": NUM_LABELS, **tiny_backbone_kwargs}
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = create_backbone(TINY_BACKBONE, weights="none", **KWARGS)
+        model = create_backbone(tiny_backbone, weights="none", **kwargs)
         # A wider head than timm's small init: clearly non-zero logits make the comparison meaningful.
         torch.nn.init.normal_(model.head.weight, std=0.5)
     return export_bundle(
         model,
         tmp_path_factory.mktemp("run") / "model",
-        backbone_name=TINY_BACKBONE,
-        backbone_kwargs=KWARGS,
+        backbone_name=tiny_backbone,
+        backbone_kwargs=kwargs,
         preprocessing=PREP,
         metrics={"test": {"split": "official", "auroc_macro14": 0.8}},
         extra={"thresholds": THRESHOLDS},
@@ -99,7 +101,7 @@ def test_onnx_reproduces_the_bundles_probabilities_on_png_files(
 
 
 def test_metadata_carries_labels_preprocessing_thresholds_and_disclaimer(
-    exported: tuple[Path, dict], bundle_dir: Path
+    exported: tuple[Path, dict], bundle_dir: Path, tiny_backbone: str
 ) -> None:
     out, _report = exported
     props = {entry.key: entry.value for entry in onnx.load(str(out)).metadata_props}
@@ -107,7 +109,7 @@ def test_metadata_carries_labels_preprocessing_thresholds_and_disclaimer(
     assert json.loads(props["preprocessing"]) == load_bundle(bundle_dir).preprocessing
     assert json.loads(props["thresholds"]) == THRESHOLDS
     assert json.loads(props["metrics"])["test"]["auroc_macro14"] == 0.8
-    assert "radiologist" in props["disclaimer"] and props["source_backbone"] == TINY_BACKBONE
+    assert "radiologist" in props["disclaimer"] and props["source_backbone"] == tiny_backbone
 
 
 class _DiffersInExport(torch.nn.Module):

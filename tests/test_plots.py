@@ -18,7 +18,6 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from xraycls.findings import LABELS, NUM_LABELS
-from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS
 from xraycls.model.module import XrayClassifier
 from xraycls.report import plots
 from xraycls.report.plots import plot_roc_curves, plot_sample_grid, plot_training_curves
@@ -40,7 +39,12 @@ def assert_real_png(path: Path, min_bytes: int = 8_000) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def metrics_csv(tmp_path_factory: pytest.TempPathFactory, cpu_trainer: Callable[..., L.Trainer]) -> Path:
+def metrics_csv(
+    tmp_path_factory: pytest.TempPathFactory,
+    cpu_trainer: Callable[..., L.Trainer],
+    tiny_backbone: str,
+    tiny_backbone_kwargs: dict,
+) -> Path:
     """metrics.csv of a real fit: tiny ViT, random images, 2 epochs x 4 batches, 2 val batches."""
     root = tmp_path_factory.mktemp("fit")
     generator = torch.Generator().manual_seed(0)
@@ -49,7 +53,7 @@ def metrics_csv(tmp_path_factory: pytest.TempPathFactory, cpu_trainer: Callable[
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = XrayClassifier(backbone=TINY_BACKBONE, weights="none", **TINY_BACKBONE_KWARGS)
+        module = XrayClassifier(backbone=tiny_backbone, weights="none", **tiny_backbone_kwargs)
     logger = CSVLogger(root, name="run", version=0)
     trainer = cpu_trainer(
         max_epochs=2,

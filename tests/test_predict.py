@@ -22,9 +22,10 @@ from xraycls.cli import main
 from xraycls.data.images import load_xray
 from xraycls.data.labels import read_label_file
 from xraycls.data.synthetic import make_synthetic_nih
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.findings import FINDINGS, LABELS
 from xraycls.inference.bundle import BUNDLE_CONFIG, load_bundle
-from xraycls.inference.outputs import DISCLAIMER, prediction_grid_figure
+from xraycls.inference.outputs import prediction_grid_figure
 from xraycls.inference.predict import load_thresholds, predict_files, resolve_device
 from xraycls.inference.predict_run import run_predict
 from xraycls.training import run_training

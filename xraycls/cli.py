@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", default=None, help="an NIH label file: the grid shows each image's real labels"
     )
     p.add_argument(
-        "--heatmaps", default=None, help="folder for Grad-CAM overlays, one per image and flagged finding"
+        "--heatmaps", default=None, help="folder for HiResCAM overlays, one per image and flagged finding"
     )
     p.add_argument("--finding", default=None, help="with --heatmaps: draw this finding for every image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -302,7 +302,7 @@ def run_training(cfg: DictConfig) -> dict:
 def _export(run_dir: Path, model: XrayClassifier, datamodule: Any, summary: dict) -> Path:
     hp, dhp = model.hparams, datamodule.hparams
     kwargs = {
-        "num_classes": hp.num_classes,
+        "num_classes": len(LABELS),
         "img_size": hp.img_size,
         "patch_size": hp.patch_size,
         "global_pool": hp.get("global_pool"),

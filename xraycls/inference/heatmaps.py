@@ -1,37 +1,13 @@
 """Heatmaps: where the model found the evidence for one finding, by HiResCAM over every ViT block's tokens.
 
-Method: HiResCAM (Draelos & Carin 2020, arXiv:2011.08891), the Grad-CAM (Selvaraju et al. 2017) variant
-that keeps each token's own gradient, taken at every block and averaged. At block b the activations
-A_b [T, D] are the T = gh x gw patch tokens entering the block's attention (the output of
-``blocks[b].norm1``, pytorch-grad-cam's layer for ViTs is the last one; prefix tokens, CLS and registers,
-dropped); G_b [T, D] is the gradient of the finding's LOGIT with respect to A_b; the block's map is
-ReLU(sum over D of G_b * A_b) on the patch grid, resized bilinearly to the input and divided by its
-maximum. The heatmap is the mean of the block maps, divided by its maximum, so 1 marks the strongest
-evidence in this image (no positive evidence: all zeros). Values are relative within one image and
-finding, not probabilities.
-
-Why a gradient method and not attention rollout (Abnar & Zuidema 2020): rollout multiplies the attention
-maps of all layers and is the same whatever the finding, but the overlays are per finding: two findings
-on one image must light up two places. A gradient of that finding's logit makes the map class-specific.
-Why the tokens entering the last block: in a CLS-token ViT (ViT-B/16) only the CLS token of the last
-block's output reaches the head, so the patch tokens there get zero gradient; entering the block they
-reach it through attention. Why per-token gradients (HiResCAM) rather than Grad-CAM's gradients averaged
-over tokens: measured on the 40-epoch demo model (seed 0) over its test images (synthetic marks, one box
-each),
-
-    tokens, weights                    heat inside/outside the box   own box vs another positive's box
-    last block input, HiResCAM         7.2x (94% of pairs)           0.61 vs 0.15 (87% of pairs)
-    last block input, Grad-CAM         2.4x (69%)                    0.51 vs 0.19 (79%)
-    last block output, Grad-CAM        4.2x (98%)                    0.60 vs 0.56 (53%: not specific)
-
-(with average pooling every output token gets the same gradient, so Grad-CAM there marks anything the
-head likes, e.g. every planted mark, for every finding). Why every block and not the last one alone:
-which block keeps the evidence in place differs from one training run to the next. Over five demo
-models (seeds 0-3, and seed 0 trained with 2 threads instead of 1: test auroc_macro14 0.92-0.97), the
-last block alone put more heat inside a finding's box than outside it in 35%-95% of the pairs, and each
-other single block did as badly on some model; the mean over the blocks did so in 98%-100% (3.3x-4.3x
-inside vs outside), and heated a finding's own box more than another positive finding's in 90%-95%
-(2.4x-2.9x).
+HiResCAM (Draelos & Carin 2020, arXiv:2011.08891): at each block, the patch tokens entering its attention
+(``blocks[b].norm1``'s output, prefix tokens dropped) times the gradient of the finding's logit with respect
+to them, summed over features, ReLU, resized to the input and divided by its maximum; the heatmap is the
+mean of those maps, divided by its maximum: values in [0, 1], relative within one image and finding. A
+gradient method makes the map class-specific (attention rollout is the same for every finding); the tokens
+entering a block get a gradient even in a CLS-token ViT; per-token gradients and the mean over blocks
+localised the demo's planted marks best, as measured in
+``experiments/results/heatmaps_method_2026-11-27.md``.
 Works on timm VisionTransformers (``patch_embed``, ``blocks[i].norm1``), CLS-token or pooled.
 """
 
@@ -52,14 +28,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.inference.bundle import ModelBundle
 
-__all__ = ["HEATMAP_METHOD", "DISCLAIMER", "heatmap", "heatmaps", "save_heatmaps"]
+__all__ = ["HEATMAP_METHOD", "heatmap", "heatmaps", "save_heatmaps"]
 
 log = logging.getLogger(__name__)
 
 HEATMAP_METHOD = "HiResCAM (Grad-CAM, per-token gradients) averaged over the ViT blocks' input tokens"
-DISCLAIMER = "aid to be checked by a radiologist, not a diagnosis"
 _OVERLAY_ALPHA = 0.45
 _DPI = 110
 

@@ -5,7 +5,8 @@ The graph: input ``images`` float32 [batch, 3, input_size, input_size], normalis
 ``logits`` float32 [batch, len(labels)] in the bundle's label order (probabilities = sigmoid). The batch
 axis is dynamic. The model's metadata (``metadata_props``) carries what a user needs beside the graph, as
 JSON strings: ``labels``, ``preprocessing`` (the bundle's), ``thresholds`` (when the bundle has them),
-``metrics``, plus ``disclaimer``, ``xraycls_version`` and ``source_backbone``.
+``metrics``, plus ``disclaimer`` (`xraycls.disclaimer.DISCLAIMER`), ``xraycls_version`` and
+``source_backbone``.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)``, the torch.export-based exporter, default since torch 2.9
 and the one torch maintains. Both it and the deprecated TorchScript exporter (dynamo=False) export timm's
@@ -33,6 +34,7 @@ import torch
 
 import xraycls
 from xraycls.data.transforms import DeviceNormalize
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.inference.bundle import ModelBundle
 
 __all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "OnnxMismatchError", "OnnxExportError", "export_onnx"]
@@ -40,9 +42,6 @@ __all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "OnnxMismatchError", "OnnxExportError", 
 log = logging.getLogger(__name__)
 
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
-_DISCLAIMER = (
-    "Research software: any finding it names is an aid to be checked by a radiologist, not a diagnosis."
-)
 _TRACE_BATCH = 2  # torch.export specialises a dimension of size 1, so trace with 2 to keep the batch dynamic
 
 
@@ -70,7 +69,7 @@ def _metadata(bundle: ModelBundle) -> dict[str, str]:
         "labels": json.dumps(list(bundle.labels)),
         "preprocessing": json.dumps(bundle.preprocessing),
         "metrics": json.dumps(bundle.config.get("metrics") or {}),
-        "disclaimer": _DISCLAIMER,
+        "disclaimer": DISCLAIMER,
         "xraycls_version": xraycls.__version__,
         "source_backbone": str(bundle.config.get("backbone", type(bundle.model).__name__)),
     }

@@ -1,10 +1,10 @@
 """What `xraycls predict` writes: the predictions as CSV or JSON, and a grid figure in the guide's style.
 
-Every output carries `DISCLAIMER`: the CSV as its first line, a ``#`` comment (read it back with
-``pandas.read_csv(path, skiprows=1)``; ``comment="#"`` would also cut a path holding a ``#``); the JSON
-as its ``disclaimer`` key; the figure in its title. CSV columns: ``path`` (as given), ``image`` (file
-name), the 15 probabilities named by label in `xraycls.findings.LABELS` order (6 decimals), ``flagged``
-(the flagged findings joined by ``|``, empty when none reaches its threshold). Files are written under a
+Every output carries `xraycls.disclaimer.DISCLAIMER`: the CSV as its first line, a ``#`` comment (read it
+back with ``pandas.read_csv(path, skiprows=1)``; ``comment="#"`` would also cut a path holding a ``#``); the
+JSON as its ``disclaimer`` key; the figure in its title. CSV columns: ``path`` (as given), ``image`` (file
+name), the 15 probabilities named by label in `xraycls.findings.LABELS` order (6 decimals), ``flagged`` (the
+flagged findings joined by ``|``, empty when none reaches its threshold). Files are written under a
 temporary name and renamed into place.
 """
 
@@ -16,20 +16,18 @@ import textwrap
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.findings import LABELS
-
-if TYPE_CHECKING:
-    from xraycls.inference.predict import Predictions
+from xraycls.inference.results import Predictions
 
 __all__ = [
-    "DISCLAIMER",
     "OUTPUT_FORMATS",
     "output_format",
     "header_line",
@@ -43,7 +41,6 @@ __all__ = [
     "plot_prediction_grid",
 ]
 
-DISCLAIMER = "xraycls output is an aid to be checked by a radiologist, not a diagnosis."
 OUTPUT_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json"}
 GRID_DISPLAY_SIZE = 256  # pixels per tile image: enough to see the film, small enough for a 5x5 figure
 

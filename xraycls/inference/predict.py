@@ -8,9 +8,8 @@ by the training run in ``config.json`` under ``extra.thresholds`` = {"method": .
 {"threshold", "sensitivity", "specificity"}}}; a finding the model stores no entry for uses 0.5, one
 stored as None (no ROC curve on validation) is never flagged, and every output says which. Only the 14
 findings are flagged; "No Finding" keeps its probability column. A file that cannot be read is recorded as a
-`Failure` (path and problem) and the others are still predicted.
-
-Every output is an aid to be checked by a radiologist, not a diagnosis (`DISCLAIMER`).
+`Failure` (path and problem) and the others are still predicted. The result types live in
+`xraycls.inference.results`; every output carries `xraycls.disclaimer.DISCLAIMER`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +28,11 @@ from tqdm.auto import tqdm
 from xraycls.data.images import ImageDecodeError
 from xraycls.findings import FINDINGS, LABELS
 from xraycls.inference.bundle import ModelBundle
-from xraycls.inference.outputs import DISCLAIMER
 from xraycls.inference.readers import read_image
-from xraycls.inference.thresholds import flag_findings
+from xraycls.inference.results import DEFAULT_THRESHOLD, Failure, Predictions, Thresholds
 
 __all__ = [
     "BatchCallback",
-    "DISCLAIMER",
-    "DEFAULT_THRESHOLD",
-    "Thresholds",
-    "Failure",
-    "Predictions",
     "load_thresholds",
     "resolve_device",
     "predict_files",
@@ -48,71 +40,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5  # for a finding the model stores no operating threshold for
-
 # Called after each batch with the batch's paths, its uint8 [image_size, image_size] images and its
 # float32 [B, 15] probabilities (e.g. to write heatmaps while the images are in memory).
 BatchCallback = Callable[[list[Path], list[np.ndarray], np.ndarray], None]
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """One operating threshold per finding (the 14 `FINDINGS`; "No Finding" is not a finding to flag).
-
-    The flagging rule is `xraycls.inference.thresholds.flag_findings`: probability >= threshold; a finding
-    whose threshold is None (no ROC curve on validation) is never flagged.
-    """
-
-    values: dict[str, float | None]  # finding -> threshold in [0, 1], or None
-    method: str  # how they were chosen, as stored (e.g. "youden"), or "none saved"
-    defaulted: tuple[str, ...]  # findings at DEFAULT_THRESHOLD because the model stores none for them
-
-    def describe(self) -> str:
-        """One line for output headers: where the thresholds come from."""
-        if len(self.defaulted) == len(FINDINGS):
-            return f"threshold {DEFAULT_THRESHOLD} for every finding (the model stores no thresholds)"
-        text = f"per-finding thresholds from the model ({self.method})"
-        if self.defaulted:
-            text += f"; {DEFAULT_THRESHOLD} for {', '.join(self.defaulted)} (none stored)"
-        never = [name for name, value in self.values.items() if value is None]
-        if never:
-            text += f"; never flagged: {', '.join(never)} (no threshold could be chosen)"
-        return text
-
-    def flag(self, probabilities: np.ndarray) -> list[list[str]]:
-        """float [N, 15] probabilities (LABELS order) -> per row, the flagged findings in FINDINGS order."""
-        probabilities = np.asarray(probabilities)
-        if probabilities.ndim != 2 or probabilities.shape[1] != len(LABELS):
-            shape = list(probabilities.shape)
-            raise ValueError(f"probabilities must be [N, {len(LABELS)}] (LABELS order), got {shape}")
-        columns = [LABELS.index(name) for name in FINDINGS]
-        return flag_findings(probabilities[:, columns], self.values, label_names=FINDINGS)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """An input that was not predicted, and why (one line)."""
-
-    path: Path
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
-
-
-@dataclass
-class Predictions:
-    """What `predict_files` returns; rows follow the input order, failed files left out."""
-
-    paths: list[Path]  # one per predicted image
-    probabilities: np.ndarray  # float32 [N, 15], columns in `labels` order
-    flagged: list[list[str]]  # per image, the findings at or above their threshold, in FINDINGS order
-    thresholds: Thresholds
-    device: str
-    model_dir: Path | None = None
-    failures: list[Failure] = field(default_factory=list)
-    labels: list[str] = field(default_factory=lambda: list(LABELS))
-    heatmaps: list[Path] = field(default_factory=list)  # overlay PNGs written, if any were asked for
 
 
 def _threshold_value(value: Any, where: str) -> float | None:

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from xraycls.disclaimer import DISCLAIMER
 from xraycls.findings import FINDINGS
 from xraycls.inference.bundle import ModelBundle, load_bundle
-from xraycls.inference.outputs import DISCLAIMER, output_format, plot_prediction_grid, write_predictions
-from xraycls.inference.predict import (
-    BatchCallback,
-    Predictions,
-    Thresholds,
-    load_thresholds,
-    predict_files,
-    resolve_device,
-)
+from xraycls.inference.outputs import output_format, plot_prediction_grid, write_predictions
+from xraycls.inference.predict import BatchCallback, load_thresholds, predict_files, resolve_device
 from xraycls.inference.readers import collect_inputs
+from xraycls.inference.results import Predictions, Thresholds
 
 __all__ = ["run_predict"]
 

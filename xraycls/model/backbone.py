@@ -12,9 +12,8 @@ Weight sources (`weights=`):
   `img_size`, and a classifier of another size (the 21k-class head) is dropped for a new random one.
 - ``"none"``: random initialisation.
 
-`TINY_BACKBONE` with `TINY_BACKBONE_KWARGS` is the model for tests and the demo: timm's registered
-``test_vit`` (6 blocks, 64 wide, 2 heads, ~0.3 M parameters) at 64x64 px with 8x8 patches: 64 tokens + CLS,
-a few milliseconds per small batch on one CPU core.
+The model for tests and the demo is a config, ``conf/model/vit_tiny.yaml``: timm's registered ``test_vit``
+(6 blocks, 64 wide, ~0.3 M parameters) with 16 px patches and average pooling, at the demo's 64 px input.
 """
 
 from __future__ import annotations
@@ -36,8 +35,6 @@ from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_BACKBONE",
-    "TINY_BACKBONE",
-    "TINY_BACKBONE_KWARGS",
     "HUB_TIMEOUT_S",
     "WeightsUnavailableError",
     "create_backbone",
@@ -50,8 +47,6 @@ log = logging.getLogger(__name__)
 
 # The guide's google/vit-base-patch16-224-in21k (the original 2020 JAX weights), not `.augreg_in21k`.
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
-TINY_BACKBONE = "test_vit"
-TINY_BACKBONE_KWARGS: dict[str, int] = {"img_size": 64, "patch_size": 8}
 HUB_TIMEOUT_S = 10.0  # seconds to wait for the hub to answer before declaring the weights unavailable
 
 _TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
@@ -229,8 +224,8 @@ def param_groups(
     No weight decay on biases, norms and the model's `no_weight_decay()` names (pos_embed, cls_token).
     With `layer_decay`, a ViT of depth D gets lr * layer_decay ** (D + 1 - layer_id), by timm's grouping:
     layer 0 is the patch/position embedding and CLS token, block i is layer i + 1 (the final norm goes
-    with the last block), the head is layer D + 1 (full lr). Each group also keeps ``lr_scale`` (its
-    fraction of `lr`).
+    with the last block), the head is layer D + 1 (full lr; with average pooling, so is ``fc_norm``). Each
+    group also keeps ``lr_scale`` (its fraction of `lr`).
     """
     if lr <= 0 or not math.isfinite(lr):
         raise ValueError(f"optim.lr must be a positive number, got {lr!r}")

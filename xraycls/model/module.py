@@ -59,7 +59,7 @@ def pos_weight_from_prevalence(prevalence: Tensor, max_weight: float = 100.0) ->
 
 
 class XrayClassifier(L.LightningModule):
-    """ViT-B/16 (by default) fine-tuned for the 15 NIH labels.
+    """ViT-B/16 (by default) fine-tuned for the 15 NIH labels; the head has one output per `LABELS` entry.
 
     `backbone`, `weights`, `img_size`, `patch_size`, `drop_path_rate` and `global_pool` (timm's "token"
     or "avg"; None keeps the architecture's) go to `create_backbone`;
@@ -73,7 +73,6 @@ class XrayClassifier(L.LightningModule):
         self,
         backbone: str = DEFAULT_BACKBONE,
         weights: str = "hub",
-        num_classes: int = 15,
         img_size: int | None = None,
         lr: float = 2e-4,
         weight_decay: float = 0.05,
@@ -89,13 +88,13 @@ class XrayClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_settings(num_classes, lr, weight_decay, warmup_ratio, min_lr_ratio, layer_decay, betas)
-        pos_weight_tensor = _pos_weight_tensor(pos_weight, num_classes)
+        _check_settings(lr, weight_decay, warmup_ratio, min_lr_ratio, layer_decay, betas)
+        pos_weight_tensor = _pos_weight_tensor(pos_weight)
         # A wrong config fails above, before the (possibly long) weight download below.
         self.backbone = create_backbone(
             backbone,
             weights=weights,
-            num_classes=num_classes,
+            num_classes=NUM_LABELS,
             img_size=img_size,
             patch_size=patch_size,
             **({} if global_pool is None else {"global_pool": global_pool}),
@@ -272,7 +271,6 @@ class XrayClassifier(L.LightningModule):
 
 
 def _check_settings(
-    num_classes: int,
     lr: float,
     weight_decay: float,
     warmup_ratio: float,
@@ -280,8 +278,6 @@ def _check_settings(
     layer_decay: float | None,
     betas: Sequence[float],
 ) -> None:
-    if num_classes != NUM_LABELS:
-        raise ValueError(f"model.num_classes must be {NUM_LABELS} (the LABELS of xraycls), got {num_classes}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"optim.lr must be a positive number, got {lr!r}")
     if weight_decay < 0:
@@ -293,12 +289,12 @@ def _check_settings(
     warmup_cosine_factor(1, warmup_ratio, min_lr_ratio)  # raises ValueError naming the bad ratio
 
 
-def _pos_weight_tensor(pos_weight: Sequence[float] | None, num_classes: int) -> Tensor | None:
+def _pos_weight_tensor(pos_weight: Sequence[float] | None) -> Tensor | None:
     if pos_weight is None:
         return None
     weights = torch.tensor([float(w) for w in pos_weight], dtype=torch.float32)
-    if weights.shape != (num_classes,) or not torch.all(torch.isfinite(weights) & (weights > 0)):
+    if weights.shape != (NUM_LABELS,) or not torch.all(torch.isfinite(weights) & (weights > 0)):
         raise ValueError(
-            f"model.pos_weight must be {num_classes} positive numbers (LABELS order), got {list(pos_weight)}"
+            f"model.pos_weight must be {NUM_LABELS} positive numbers (LABELS order), got {list(pos_weight)}"
         )
     return weights
