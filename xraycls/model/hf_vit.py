@@ -157,6 +157,10 @@ def _as_square(value: Any, what: str, where: str) -> int:
 
 def hf_arch(encoder: dict[str, Tensor], config: dict[str, Any] | None, where: str) -> VitArch:
     """The architecture the tensors hold, cross-checked with config.json when there is one."""
+    fc1_names = ("intermediate.dense.weight", "mlp.fc1.weight")
+    needed = {_ANCHOR, "embeddings.position_embeddings", "embeddings.cls_token"} - set(encoder)
+    if needed or not any(key.endswith(fc1_names) for key in encoder):
+        raise ValueError(f"{where}: not a whole transformers ViT: no {sorted(needed) or 'MLP layers'}")
     proj = encoder[_ANCHOR]
     if proj.shape[2] != proj.shape[3]:
         raise ValueError(f"{where}: patch {list(proj.shape[2:])} is not square; only square ViTs convert")
@@ -165,7 +169,7 @@ def hf_arch(encoder: dict[str, Tensor], config: dict[str, Any] | None, where: st
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
         raise ValueError(f"{where}: {tokens} position embeddings (+ CLS) are not a square grid of patches")
-    fc1 = next(v for k, v in encoder.items() if k.endswith(("intermediate.dense.weight", "mlp.fc1.weight")))
+    fc1 = next(value for key, value in encoder.items() if key.endswith(fc1_names))
     bias = any(k.endswith(("attention.query.bias", "q_proj.bias")) for k in encoder)
     arch = VitArch(
         int(proj.shape[2]), int(proj.shape[0]), len(layers), None, fc1.shape[0], grid * proj.shape[2], bias
