@@ -8,8 +8,11 @@ Weight sources (`weights=`):
 - a path: ``.safetensors``; ``.bin``/``.pth``/``.pt``/``.ckpt`` read with ``torch.load(weights_only=True)``
   (no pickled code runs); ``.npz`` read with ``allow_pickle=False``, either a flat state dict or Google's
   original JAX/Flax ViT checkpoint (e.g. ``ViT-B_16.npz`` of google-research/vision_transformer), which
-  timm's own loader converts. timm adapts the file to the model: positional embeddings are resampled to
-  `img_size`, and a classifier of another size (the 21k-class head) is dropped for a new random one.
+  timm's own loader converts; or a transformers ViT folder (``config.json`` + ``model.safetensors`` or
+  ``pytorch_model.bin``) or one of its weight files, renamed to timm's by `xraycls.model.hf_vit` once its
+  shape is checked against the backbone's. timm adapts the file to the model: positional embeddings are
+  resampled to `img_size`, and a classifier of another size (the 21k-class head) is dropped for a new
+  random one.
 - ``"none"``: random initialisation.
 
 The model for tests and the demo is a config, ``conf/model/vit_tiny.yaml``: timm's registered ``test_vit``
@@ -32,6 +35,8 @@ import timm
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
+
+from xraycls.model import hf_vit
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -198,9 +203,13 @@ def create_backbone(
 
 
 def _create_from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
+    if path.is_dir():  # a transformers ViT folder: config.json + model.safetensors | pytorch_model.bin
+        path = hf_vit.hf_weights_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.weights={str(path)!r}: no such file (or use 'hub' or 'none')")
     state_dict = load_weights_file(path)
+    if hf_vit.is_hf_vit(state_dict):
+        state_dict = hf_vit.hf_weights_for_backbone(state_dict, path, name, kwargs)
     if any(key.endswith(_JAX_ANCHOR) for key in state_dict):
         # Google's layout: timm's VisionTransformer.load_pretrained converts it (np.load, allow_pickle=False).
         overlay: dict[str, Any] = {"file": str(path), "custom_load": True}
