@@ -12,6 +12,7 @@ evaluator fails on NumPy 2.)
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +119,16 @@ def _study_from_trials(sweep: Sweep) -> Any:
         else:
             distributions[name] = CategoricalDistribution(sorted({str(value) for value in column}))
     study = optuna.create_study(direction="maximize")
-    for i, row in enumerate(sweep.complete):
-        values: dict[str, Any] = {}
-        for name, column in params.items():
-            categorical = isinstance(distributions[name], CategoricalDistribution)
-            values[name] = str(column[i]) if categorical else float(column[i])
-        study.add_trial(
-            optuna.trial.create_trial(params=values, distributions=distributions, value=row["value"])
-        )
+    with warnings.catch_warnings():  # add_trial and create_trial are "experimental" in optuna 2.10
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for i, row in enumerate(sweep.complete):
+            values: dict[str, Any] = {}
+            for name, column in params.items():
+                categorical = isinstance(distributions[name], CategoricalDistribution)
+                values[name] = str(column[i]) if categorical else float(column[i])
+            study.add_trial(
+                optuna.trial.create_trial(params=values, distributions=distributions, value=row["value"])
+            )
     return study
 
 
