@@ -89,7 +89,8 @@ def plot_per_finding(trials: list[dict[str, Any]], out: Path) -> Path:
     )
     fig = Figure(figsize=(0.55 * len(findings) + 2, 0.35 * len(trials) + 1.8))
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(grid), vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    low = min(0.5, float(np.nanmin(grid))) if np.isfinite(grid).any() else 0.5  # 0.5 = chance
+    image = ax.imshow(np.ma.masked_invalid(grid), vmin=low, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(findings)), findings, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(trials)), [f"trial {row['trial']}" for row in trials], fontsize=8)
     fig.colorbar(image, ax=ax, label="validation AUROC")
