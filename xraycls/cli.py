@@ -124,7 +124,7 @@ def _plan(args: argparse.Namespace) -> int:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from xraycls.hardware.plan import plan_from_config
+    from xraycls.training import hardware_plan
 
     config_dir = Path(args.config_dir).resolve()
     if not (config_dir / "config.yaml").is_file():
@@ -136,12 +136,12 @@ def _plan(args: argparse.Namespace) -> int:
         # Hydra's message spans lines (options, search path): keep it to one line naming the options.
         message = " ".join(str(error).split("Config search path")[0].split())
         raise ValueError(f"overrides {list(args.overrides)}: {message}") from None
-    # Only what the plan reads: the run directory (hydra:runtime) does not exist outside `train.py`.
-    config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("hardware", "data", "model")}
-    config["trainer"] = {"accumulate_grad_batches": cfg.trainer.accumulate_grad_batches}
-    output = plan_from_config(config).to_dict()
-    if config["hardware"].get("ipu"):
-        output["ipu"] = config["hardware"]["ipu"]
+    # The plan reads hardware, model, data and trainer only: the run directory (hydra:runtime) does not
+    # exist outside `train.py`, so nothing else is resolved.
+    output = hardware_plan(cfg).to_dict()
+    ipu = OmegaConf.to_container(cfg.hardware, resolve=True).get("ipu")
+    if ipu:
+        output["ipu"] = ipu
     print(json.dumps(output, indent=2))
     return 0
 

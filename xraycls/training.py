@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from xraycls.report.preparation import preparation_timing
 from xraycls.report.summary import collect_versions, write_json
 from xraycls.report.timing import RunTimer
 
-__all__ = ["run_training", "instantiate_callbacks", "find_resume_checkpoint", "SUMMARY_NAME"]
+__all__ = ["run_training", "hardware_plan", "instantiate_callbacks", "find_resume_checkpoint", "SUMMARY_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +99,23 @@ def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
 
 
-def _hardware_plan(cfg: DictConfig) -> HardwarePlan:
-    """The resolved plan (xraycls.hardware.plan); raises PlanError before any work on a bad combination."""
-    return plan_from_config(
-        {
-            "hardware": OmegaConf.to_container(cfg.hardware, resolve=True),
-            "data": {"batch_size": cfg.data.batch_size},
-            "trainer": {"accumulate_grad_batches": cfg.trainer.get("accumulate_grad_batches", 1)},
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
-        }
-    )
+def hardware_plan(cfg: DictConfig, env: Mapping[str, str] | None = None) -> HardwarePlan:
+    """The resolved plan of a composed run config (xraycls.hardware.plan); raises PlanError before any work
+    on a bad combination. An IPU layout is checked against the model's depth (timm, on the meta device)."""
+    hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
+    model_depth = None
+    if hardware.get("accelerator") == "ipu" and hardware.get("layers_per_ipu") is not None:
+        from xraycls.model.backbone import backbone_depth
+
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        kwargs = {key: model[key] for key in ("img_size", "patch_size") if model.get(key) is not None}
+        model_depth = backbone_depth(model.get("backbone", "vit_base_patch16_224"), **kwargs)
+    config = {
+        "hardware": hardware,
+        "data": {"batch_size": cfg.data.batch_size},
+        "trainer": {"accumulate_grad_batches": cfg.trainer.get("accumulate_grad_batches", 1)},
+    }
+    return plan_from_config(config, env=env, model_depth=model_depth)
 
 
 def _hardware_arguments(cfg: DictConfig, plan: HardwarePlan) -> dict[str, Any]:
@@ -211,7 +219,7 @@ def run_training(cfg: DictConfig) -> dict:
 
     # Every constructor validates its settings, so a wrong config stops here, before data or weights.
     threshold_settings = _threshold_settings(cfg)
-    plan = _hardware_plan(cfg)
+    plan = hardware_plan(cfg)
     hardware_args = _hardware_arguments(cfg, plan)
     datamodule = instantiate(cfg.data, batch_size=plan.loader_batch)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
