@@ -24,6 +24,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from xraycls.files import write_json
 from xraycls.findings import LABELS
 from xraycls.hardware.plan import HardwarePlan, plan_from_config, trainer_arguments
 from xraycls.hardware.sampling import unpad_eval_loaders
@@ -32,7 +33,7 @@ from xraycls.inference.thresholds import check_threshold_settings, choose_thresh
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.report.plots import plot_roc_curves, plot_sample_grid, plot_training_curves
 from xraycls.report.preparation import preparation_timing
-from xraycls.report.summary import collect_versions, write_json
+from xraycls.report.summary import collect_versions
 from xraycls.report.timing import RunTimer
 
 __all__ = ["run_training", "hardware_plan", "instantiate_callbacks", "find_resume_checkpoint", "SUMMARY_NAME"]
