@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from xraycls.files import write_json
 from xraycls.findings import LABELS
 from xraycls.hardware.plan import HardwarePlan, plan_from_config, trainer_arguments
-from xraycls.hardware.sampling import unpad_eval_loaders
 from xraycls.inference.bundle import export_bundle
 from xraycls.inference.thresholds import check_threshold_settings, choose_thresholds
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
@@ -180,8 +179,8 @@ def _gathered_outputs(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Every rank's probabilities and labels of the last `stage` ("val", "test") pass, float32 [N, 15] each.
 
-    A collective with several processes: call it on every rank. Each image is seen once (the eval loaders
-    are unpadded under DDP), so the gathered rows are the whole split.
+    A collective with several processes: call it on every rank. Each image is seen once (the DataModule's
+    eval loaders are unpadded under DDP), so the gathered rows are the whole split.
     """
     local = model.eval_outputs(stage)
     if trainer.world_size == 1:
@@ -231,9 +230,6 @@ def run_training(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, **hardware_args
     )
-    if plan.replicas > 1 and plan.accelerator != "ipu":
-        # DDP's default eval sampler repeats images to even out ranks; AUROC must see each image once.
-        unpad_eval_loaders(datamodule)
     resume = find_resume_checkpoint(
         cfg.get("ckpt_path"), run_dir, Path(cfg.paths.runs_dir), str(cfg.task_name)
     )
