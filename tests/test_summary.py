@@ -15,7 +15,7 @@ import torch
 
 import xraycls
 from xraycls.files import to_jsonable, write_json
-from xraycls.report.summary import collect_versions
+from xraycls.training.summary import collect_versions
 
 
 def test_collect_versions_reports_the_running_stack() -> None:

@@ -31,7 +31,7 @@ from lightning.pytorch.trainer.connectors.logger_connector.logger_connector impo
 
 from xraycls.model.metrics import XrayMetrics
 from xraycls.model.module import XrayClassifier
-from xraycls.report.timing import RunTimer
+from xraycls.training.timing import RunTimer
 
 __all__ = ["HOOKS", "work_hooks", "HookCosts", "hook_costs", "step_breakdown"]
 

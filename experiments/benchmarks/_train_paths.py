@@ -36,7 +36,7 @@ from timm.optim import param_groups_weight_decay
 from xraycls.findings import NUM_LABELS
 from xraycls.model.module import XrayClassifier
 from xraycls.model.schedule import warmup_cosine
-from xraycls.report.timing import RunTimer
+from xraycls.training.timing import RunTimer
 
 __all__ = ["TrainerSetup", "PROJECT_SETUP", "make_module", "BareLoop", "LightningPath"]
 

@@ -1,14 +1,27 @@
-"""The software versions a run's summary.json records (JSON writing: `xraycls.files.write_json`)."""
+"""Pieces of a run's summary.json (DESIGN.md's contract): software versions, metric blocks, the operating
+thresholds chosen on validation, the headline metrics a model bundle carries. Written by
+`xraycls.files.write_json`.
+"""
 
 from __future__ import annotations
 
+import logging
 import platform
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["collect_versions"]
+from xraycls.inference.thresholds import choose_thresholds
+
+__all__ = ["SUMMARY_NAME", "collect_versions", "metrics_block", "run_thresholds", "headline_metrics"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+# What a model bundle's config keeps of each metrics block.
+_HEADLINE_KEYS = ("split", "loss", "auroc_macro14", "auroc_seed_compat")
 
 # Distribution name -> key in the versions dict; every one of these is a dependency of xraycls.
 _PACKAGES: dict[str, str] = {
@@ -55,3 +68,28 @@ def collect_versions() -> dict[str, Any]:
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
     )
     return versions
+
+
+def metrics_block(values: dict | None, split: str) -> dict | None:
+    """summary.json's `metrics.val` / `metrics.test`: the split's name, then the stage's metrics."""
+    if values is None:
+        return None
+    return {"split": split, **values}
+
+
+def run_thresholds(outputs: tuple[np.ndarray, np.ndarray] | None, settings: dict, split: str) -> dict | None:
+    """Operating thresholds from the best checkpoint's validation pass (never the test set)."""
+    if outputs is None:
+        log.warning("no validation outputs: no operating thresholds are stored with the model")
+        return None
+    probs, labels = outputs
+    return {**choose_thresholds(probs, labels, **settings), "chosen_on": {"stage": "val", "split": split}}
+
+
+def headline_metrics(metrics: dict[str, dict | None]) -> dict[str, dict]:
+    """Per stage with metrics, its split, loss, macro AUROC (14) and seed-compatible AUROC."""
+    return {
+        part: {key: block[key] for key in _HEADLINE_KEYS if key in block}
+        for part, block in metrics.items()
+        if block
+    }

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from xraycls.files import save_png
-from xraycls.report.cost import CostGroup
+from xraycls.report.cost.runs import CostGroup
 
 __all__ = ["plot_cost_bars"]
 

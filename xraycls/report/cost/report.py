@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from xraycls.files import atomic_path, write_text
-from xraycls.report.cost import CostGroup, Stat
-from xraycls.report.cost_charts import plot_cost_bars
-from xraycls.report.published import PUBLISHED, PUBLISHED_ROWS, PublishedFigure
+from xraycls.report.cost.charts import plot_cost_bars
+from xraycls.report.cost.published import PUBLISHED, PUBLISHED_ROWS, PublishedFigure
+from xraycls.report.cost.runs import CostGroup, Stat
 
 __all__ = ["write_cost_report", "format_duration"]
 
@@ -82,7 +82,7 @@ def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[Publish
             "",
             f"> **PLACEHOLDER PRICES** (`*`): no verified price for {', '.join(placeholders)}, so "
             "their money columns show the arithmetic, not a quote. Set `price_per_hour`, `source`, `as_of` "
-            "and `placeholder: false` in `conf/flavor/NAME.yaml` for real figures.",
+            "and `placeholder: false` in `experiments/cost_study/flavors/NAME.yaml` for real figures.",
         ]
     out += ["", "## At 1x the data: measured (mean ± std over n runs), then published IPU figures", ""]
     parts = ("preparation", "training", "total")
