@@ -1,6 +1,6 @@
 """Train and evaluate: `python train.py [experiment=...] [group=variant] [key=value ...]`.
 
-Fits, validates and tests the best checkpoint, and writes the run directory (see xraycls/training.py).
+Fits, validates and tests the best checkpoint, and writes the run directory (see xraycls/training/run.py).
 Returns `optimized_metric` (validation) so Hydra sweeps (`-m`, Optuna) can optimise it.
 """
 

@@ -24,9 +24,11 @@ from xraycls.cli import main
 from xraycls.data.cache import prepare_cache
 from xraycls.data.download import download_nih
 from xraycls.report.cost import describe, group_runs, load_run
-from xraycls.report.cost_report import write_cost_report
-from xraycls.report.flavor import load_flavor, load_flavors
-from xraycls.report.preparation import preparation_timing
+from xraycls.report.cost.flavor import load_flavor, load_flavors
+from xraycls.report.cost.report import write_cost_report
+from xraycls.training.preparation import preparation_timing
+
+FLAVORS = PROJECT_ROOT / "experiments" / "cost_study" / "flavors"  # the project's flavor files
 
 # A run of 2 epochs over 1,000 training images (125 steps of 8) at 50 images/s, 100 val and 100 test
 # images at 100 images/s, validated after each epoch and once more for the best checkpoint (6 + 6 + 3 =
@@ -203,7 +205,7 @@ def test_flavor_globs_assign_runs(tmp_path: Path, three_repeats: list[Path]) -> 
 
 
 def test_committed_flavors_load_and_all_say_their_price_is_a_placeholder() -> None:
-    flavors = load_flavors(PROJECT_ROOT / "conf" / "flavor")
+    flavors = load_flavors(FLAVORS)
     assert {"cpu_vm", "gpu_1xh100", "gpu_1xh200", "gpu_8xh100", "vpod4_cpu60_vm", "vpod4_bare_metal",
             "vpod16_bare_metal"} <= set(flavors)  # fmt: skip
     for flavor in flavors.values():
@@ -431,7 +433,7 @@ def test_a_real_run_summary_prices_and_extrapolates(demo_run: tuple[Path, dict, 
     assert any("exceeds the measured training" in note for note in run.notes) == (
         run.per_image > run.training
     )
-    (group,) = group_runs([run], load_flavors(PROJECT_ROOT / "conf" / "flavor"))
+    (group,) = group_runs([run], load_flavors(FLAVORS))
     assert group.flavor is not None and group.flavor.name == "cpu_vm"
     assert group.scaled_stat("total", 1.0).mean == pytest.approx(run.total)
 
@@ -441,7 +443,7 @@ def test_the_committed_worked_example_matches_the_code(tmp_path: Path) -> None:
     committed report's group numbers."""
     example = PROJECT_ROOT / "experiments" / "cost_study" / "example_cpu_demo"
     runs = [load_run(path) for path in sorted((example / "runs" / "cpu").glob("seed_*"))]
-    (group,) = group_runs(runs, load_flavors(PROJECT_ROOT / "conf" / "flavor"))
+    (group,) = group_runs(runs, load_flavors(FLAVORS))
     assert group.label == "cpu_vm" and len(group.runs) == 3
     with open(example / "report" / "cost_groups.csv") as handle:
         (committed,) = list(csv.DictReader(handle))

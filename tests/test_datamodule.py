@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
+import xraycls.data.datamodule as datamodule_module
 from xraycls.data.cache import cache_array_path, prepare_cache
 from xraycls.data.datamodule import NIHDataModule, per_device_batch_size
 from xraycls.data.datasets import CachedXrayDataset, PngXrayDataset
@@ -156,6 +158,27 @@ def test_setup_divides_the_global_batch_by_the_trainer_world_size(cache_dir: Pat
     datamodule.trainer = SimpleNamespace(world_size=3)
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
         datamodule.setup("fit")
+
+
+def test_under_ddp_the_eval_loaders_shard_without_padding(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datamodule = NIHDataModule(
+        cache_dir=str(cache_dir), image_size=IMAGE, input_size=INPUT, batch_size=BATCH, num_workers=0,
+        pin_memory=False, split="patient_random",
+    )  # fmt: skip
+    datamodule.trainer = SimpleNamespace(world_size=2)
+    datamodule.setup("fit")
+    assert isinstance(datamodule.val_dataloader().sampler, SequentialSampler)  # no process group
+    shares = []
+    for rank in range(2):  # what each of two DDP ranks sees once the process group is up
+        monkeypatch.setattr(datamodule_module.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(datamodule_module.dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(datamodule_module.dist, "get_world_size", lambda: 2)
+        for loader in (datamodule.val_dataloader(), datamodule.test_dataloader()):
+            assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
+        shares.append(list(datamodule.val_dataloader().sampler))
+    assert sorted(shares[0] + shares[1]) == list(range(len(datamodule.datasets["val"])))  # each image once
 
 
 def test_too_small_a_train_part_for_one_batch_is_an_error(cache_dir: Path) -> None:

@@ -24,10 +24,10 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, DistributedSampler
 
+from xraycls.data.datamodule import eval_sampler
 from xraycls.data.datasets import EpochSeededSampler
 from xraycls.data.synthetic import make_synthetic_nih
 from xraycls.findings import LABELS
-from xraycls.hardware.sampling import unpadded_loader
 from xraycls.model.module import XrayClassifier
 
 WORKER = PROJECT_ROOT / "tests" / "_ddp_worker.py"
@@ -61,12 +61,12 @@ def test_training_sampler_gives_each_rank_distinct_images_and_follows_the_epoch(
 
 def test_eval_shards_cover_every_image_once_where_the_default_sampler_repeats() -> None:
     dataset = list(range(11))  # odd: two ranks cannot split it evenly
-    loader = DataLoader(dataset, batch_size=4)
-    unpadded = [int(x) for rank in range(2) for batch in unpadded_loader(loader, rank, 2) for x in batch]
+    loaders = [DataLoader(dataset, batch_size=4, sampler=eval_sampler(dataset, rank, 2)) for rank in range(2)]
+    unpadded = [int(x) for loader in loaders for batch in loader for x in batch]
     assert sorted(unpadded) == dataset
     padded = [i for rank in range(2) for i in DistributedSampler(dataset, 2, rank, shuffle=False)]
     assert len(padded) == 12 and len(set(padded)) == 11  # the bias the unpadded sampler removes
-    assert unpadded_loader(loader, 0, 1) is loader
+    assert eval_sampler(dataset, 0, 1) is None and eval_sampler(dataset) is None  # one process: plain order
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from xraycls.findings import NUM_LABELS
-from xraycls.model.backbone import TINY_BACKBONE, TINY_BACKBONE_KWARGS
 from xraycls.model.module import XrayClassifier
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -23,7 +22,9 @@ class _LossProbe(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def one_step(accelerator: str = "gpu", compile: bool = True) -> tuple[list[float], float]:
+def one_step(
+    backbone: str, backbone_kwargs: dict, accelerator: str = "gpu", compile: bool = True
+) -> tuple[list[float], float]:
     """(losses, largest absolute weight change) of one bf16-mixed optimizer step of the compiled tiny ViT."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 64, 64, generator=generator)
@@ -32,7 +33,7 @@ def one_step(accelerator: str = "gpu", compile: bool = True) -> tuple[list[float
         torch.manual_seed(0)
         # warmup_ratio 0: the first step trains at the peak lr (the warm-up would start it at 0).
         module = XrayClassifier(
-            backbone=TINY_BACKBONE, weights="none", warmup_ratio=0.0, compile=compile, **TINY_BACKBONE_KWARGS
+            backbone=backbone, weights="none", warmup_ratio=0.0, compile=compile, **backbone_kwargs
         )
     before = {name: p.detach().clone() for name, p in module.backbone.named_parameters()}
     probe = _LossProbe()
@@ -56,7 +57,7 @@ def one_step(accelerator: str = "gpu", compile: bool = True) -> tuple[list[float
     return probe.losses, change
 
 
-def test_one_compiled_bf16_step_trains_on_the_gpu() -> None:
-    losses, change = one_step("gpu")
+def test_one_compiled_bf16_step_trains_on_the_gpu(tiny_backbone: str, tiny_backbone_kwargs: dict) -> None:
+    losses, change = one_step(tiny_backbone, tiny_backbone_kwargs, "gpu")
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
     assert change > 0

@@ -28,13 +28,13 @@ from xraycls.hardware.ipu import (
     IPUSettings,
     IPUUnavailableError,
     annotate_pipeline,
-    backbone_depth,
     block_stages,
     build_options,
     ipu_trainer_arguments,
     require_poptorch,
 )
 from xraycls.hardware.plan import PlanError, resolve_plan
+from xraycls.model.backbone import backbone_depth
 from xraycls.training import run_training
 
 

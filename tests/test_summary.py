@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import xraycls
-from xraycls.report.summary import collect_versions, to_jsonable, write_json
+from xraycls.files import to_jsonable, write_json
+from xraycls.training.summary import collect_versions
 
 
 def test_collect_versions_reports_the_running_stack() -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from xraycls.report.timing import RunTimer
+from xraycls.training.timing import RunTimer
 
 BATCH = 4
 

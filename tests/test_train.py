@@ -49,6 +49,18 @@ def test_progress_bar_refreshes_every_10_batches_and_the_trainer_flag_turns_it_o
     assert trainer.progress_bar_callback is None
 
 
+def test_a_run_timer_is_added_in_code_when_the_callbacks_config_has_none(tmp_path: Path) -> None:
+    from xraycls.training.timing import RunTimer
+
+    (tuned,) = [cb for cb in instantiate_callbacks(compose_cfg([], tmp_path)) if isinstance(cb, RunTimer)]
+    assert tuned.warmup_batches == 5  # conf/callbacks/default.yaml's
+    for overrides in (["~callbacks.run_timer"], ["~callbacks"]):
+        timers = [
+            cb for cb in instantiate_callbacks(compose_cfg(overrides, tmp_path)) if isinstance(cb, RunTimer)
+        ]
+        assert len(timers) == 1, overrides
+
+
 def test_seed_reproduction_is_the_guides_recipe(tmp_path: Path) -> None:
     cfg = OmegaConf.to_container(compose_cfg(["experiment=seed_reproduction"], tmp_path), resolve=True)
     assert cfg["seed"] == 1337 and cfg["data"]["split"] == "seed_random" and cfg["data"]["split_seed"] == 1337

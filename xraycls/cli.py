@@ -1,7 +1,17 @@
 """`xraycls` command line: download | synth | prepare | inspect | plan | cost | predict | export.
 
-Each subcommand is a thin shell over one library function; heavy imports (torch, Lightning) happen inside
-the handler so that `xraycls download --help` stays instant.
+Each command is a thin shell over one library function:
+
+    download   fetch NIH ChestX-ray14 (labels, split lists, image archives), resumable
+    synth      make a synthetic dataset in the NIH layout, with a learnable planted signal
+    prepare    decode and resize the PNGs once into a uint8 memmap cache
+    inspect    one pass of the DataModule over a cache, and a data summary
+    plan       the resolved hardware plan of a training config
+    cost       time and money per flavor from run directories, and at k x the data
+    predict    probabilities and flagged findings for X-ray files
+    export     a model bundle as ONNX, checked against PyTorch
+
+Heavy imports (torch, Lightning) happen inside the handler so that `xraycls download --help` stays instant.
 """
 
 from __future__ import annotations
@@ -16,8 +26,9 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 Handler = Callable[[argparse.Namespace], int]
-# The project's Hydra configs (train.py's), beside the package in a source checkout.
+# The project's Hydra configs (train.py's) and the cost study's flavors, beside the package in a checkout.
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+_FLAVOR_DIR = Path(__file__).resolve().parents[1] / "experiments" / "cost_study" / "flavors"
 _COMMANDS: dict[str, Handler] = {}
 
 
@@ -31,6 +42,7 @@ def _command(name: str) -> Callable[[Handler], Handler]:
 
 @_command("download")
 def _download(args: argparse.Namespace) -> int:
+    """Fetch NIH ChestX-ray14 into --root (md5-checked, resumable); exit 1 if anything is missing."""
     from xraycls.data.download import download_nih, parse_archive_selection
 
     report = download_nih(
@@ -48,6 +60,7 @@ def _download(args: argparse.Namespace) -> int:
 
 @_command("synth")
 def _synth(args: argparse.Namespace) -> int:
+    """Make a synthetic dataset in the NIH layout with a planted signal; print its summary (JSON)."""
     from xraycls.data.synthetic import make_synthetic_nih
 
     summary = make_synthetic_nih(
@@ -59,6 +72,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 @_command("prepare")
 def _prepare(args: argparse.Namespace) -> int:
+    """Decode and resize the PNGs once into the uint8 memmap cache; list the corrupt images."""
     from xraycls.data.cache import prepare_cache
 
     report = prepare_cache(
@@ -77,6 +91,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 @_command("inspect")
 def _inspect(args: argparse.Namespace) -> int:
+    """One pass of the DataModule over a cache; print the data summary (JSON)."""
     from xraycls.data.inspect import inspect_datamodule
 
     summary = inspect_datamodule(
@@ -95,22 +110,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
 @_command("cost")
 def _cost(args: argparse.Namespace) -> int:
-    from xraycls.report.cost import group_runs, load_run
-    from xraycls.report.cost_report import write_cost_report
-    from xraycls.report.flavor import load_flavors
+    """Time and money per flavor of finished runs, and at k x the data: markdown, CSVs and charts."""
+    from xraycls.report.cost import (
+        group_runs,
+        load_flavors,
+        load_run,
+        parse_flavor_assignments,
+        write_cost_report,
+    )
 
-    default_dir = Path(__file__).resolve().parents[1] / "conf" / "flavor"
-    flavor_dir = Path(args.flavors) if args.flavors else default_dir
-    # An explicit --flavors must exist; without the project's conf/ (an installed package), time only.
+    flavor_dir = Path(args.flavors) if args.flavors else _FLAVOR_DIR
+    # An explicit --flavors must exist; without the project's flavors (an installed package), time only.
     flavors = load_flavors(flavor_dir) if args.flavors or flavor_dir.is_dir() else {}
-    assign: dict[str, str] = {}
-    for item in args.flavor:
-        name, sep, pattern = item.partition("=")
-        if not sep or not name or not pattern:
-            raise ValueError(f"--flavor {item!r}: expected NAME=RUN_GLOB, e.g. cpu_vm='runs/demo/*'")
-        if name in assign:
-            raise ValueError(f"--flavor {name} is given twice ({assign[name]!r} and {pattern!r})")
-        assign[name] = pattern
+    assign = parse_flavor_assignments(args.flavor)
     groups = group_runs([load_run(run_dir) for run_dir in args.runs], flavors, assign)
     written = write_cost_report(groups, Path(args.out), scale=args.scale)
     print(written["markdown"].read_text())
@@ -120,11 +132,12 @@ def _cost(args: argparse.Namespace) -> int:
 
 @_command("plan")
 def _plan(args: argparse.Namespace) -> int:
+    """Print the resolved hardware plan of a training config and its overrides (JSON)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from xraycls.hardware.plan import plan_from_config
+    from xraycls.training import hardware_plan
 
     config_dir = Path(args.config_dir).resolve()
     if not (config_dir / "config.yaml").is_file():
@@ -136,19 +149,21 @@ def _plan(args: argparse.Namespace) -> int:
         # Hydra's message spans lines (options, search path): keep it to one line naming the options.
         message = " ".join(str(error).split("Config search path")[0].split())
         raise ValueError(f"overrides {list(args.overrides)}: {message}") from None
-    # Only what the plan reads: the run directory (hydra:runtime) does not exist outside `train.py`.
-    config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("hardware", "data", "model")}
-    config["trainer"] = {"accumulate_grad_batches": cfg.trainer.accumulate_grad_batches}
-    output = plan_from_config(config).to_dict()
-    if config["hardware"].get("ipu"):
-        output["ipu"] = config["hardware"]["ipu"]
+    # The plan reads hardware, model, data and trainer only: the run directory (hydra:runtime) does not
+    # exist outside `train.py`, so nothing else is resolved.
+    output = hardware_plan(cfg).to_dict()
+    ipu = OmegaConf.to_container(cfg.hardware, resolve=True).get("ipu")
+    if ipu:
+        output["ipu"] = ipu
     print(json.dumps(output, indent=2))
     return 0
 
 
 @_command("predict")
 def _predict(args: argparse.Namespace) -> int:
-    from xraycls.inference.outputs import DISCLAIMER, format_csv
+    """Probabilities and flagged findings for image files, as CSV or JSON; exit 1 if any image failed."""
+    from xraycls.disclaimer import DISCLAIMER
+    from xraycls.inference.outputs import format_csv
     from xraycls.inference.predict_run import run_predict
 
     predictions = run_predict(
@@ -187,6 +202,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 @_command("export")
 def _export(args: argparse.Namespace) -> int:
+    """Write a model bundle as ONNX, checked against PyTorch with ONNX Runtime; print the report (JSON)."""
     from xraycls.inference.bundle import load_bundle
     from xraycls.inference.onnx_export import export_onnx
 
@@ -197,6 +213,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
     parser = argparse.ArgumentParser(prog="xraycls", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="price the runs whose path matches RUN_GLOB with flavor NAME (repeatable); "
         "other runs are grouped by their recorded hardware plan",
     )
-    p.add_argument("--flavors", default=None, help="flavor folder (default: the project's conf/flavor)")
+    p.add_argument(
+        "--flavors",
+        default=None,
+        help="flavor folder (default: the project's experiments/cost_study/flavors)",
+    )
     p.add_argument("--scale", type=float, default=500.0, help="extrapolate to this many times the data")
     p.add_argument("--out", default="cost_report", help="folder for the markdown, CSVs and charts")
 
@@ -287,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input ends in one line on stderr and exit 2 (-v: the traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

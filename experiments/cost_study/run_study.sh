@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The cost study end to end: n repeats of one experiment on each hardware config, then `xraycls cost`.
+# The cost study end to end: n repeats of one experiment on each hardware config (the sweep recipe
+# conf/hparams_search/cost_study.yaml), then `xraycls cost`, which prices the runs with the flavors in
+# experiments/cost_study/flavors/.
 #
 #   experiments/cost_study/run_study.sh [extra train.py overrides...]
 #
@@ -21,7 +23,7 @@ SCALE=${SCALE:-500}
 STUDY_DIR=${STUDY_DIR:-runs/cost_study/$EXPERIMENT}
 PYTHON=${PYTHON:-python}
 
-"$PYTHON" train.py -m --config-dir experiments/cost_study hparams_search=cost_study \
+"$PYTHON" train.py -m hparams_search=cost_study \
   "experiment=$EXPERIMENT" "hardware=$HARDWARE" "seed=$SEEDS" "hydra.sweep.dir=$STUDY_DIR" "$@"
 
 flavor_args=()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import re
 import tarfile
 import threading
@@ -19,6 +18,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from tqdm import tqdm
+
+from xraycls.files import atomic_path
 
 __all__ = ["ArchiveError", "extract_images", "MAX_MEMBER_BYTES", "MAX_TOTAL_RATIO"]
 
@@ -128,17 +129,13 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, wri
     source = tar.extractfile(member)
     if source is None:  # only regular files reach here, so this means a damaged header
         raise ArchiveError(f"cannot read member {member.name!r}")
-    tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.tmp")
-    try:
-        with source, open(tmp, "wb") as out:
-            remaining = member.size
-            while remaining > 0:
-                chunk = source.read(min(_CHUNK, remaining))
-                if not chunk:
-                    raise EOFError(f"member {member.name!r} ends early")
-                out.write(chunk)
-                remaining -= len(chunk)
-        os.replace(tmp, dest)  # replaces a link planted at dest, never writes through it
-    finally:
-        tmp.unlink(missing_ok=True)
+    # atomic_path renames over dest: a link planted at dest is replaced, never written through.
+    with atomic_path(dest) as tmp, source, open(tmp, "xb") as out:
+        remaining = member.size
+        while remaining > 0:
+            chunk = source.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise EOFError(f"member {member.name!r} ends early")
+            out.write(chunk)
+            remaining -= len(chunk)
     written.append(dest)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from xraycls.data.images import ImageDecodeError, load_xray
 from xraycls.data.labels import find_label_file, read_label_file
 from xraycls.data.splits import TEST_LIST, TRAIN_VAL_LIST, attach_official_split
+from xraycls.files import atomic_path, write_bytes
 from xraycls.findings import LABELS
 
 __all__ = [
@@ -115,12 +116,6 @@ def _scan_inputs(root: Path) -> _Inputs:
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _read_report(cache_dir: Path) -> dict | None:
     try:
         report = json.loads((Path(cache_dir) / REPORT_NAME).read_text())
@@ -190,10 +185,9 @@ def _decode_chunk(job: tuple[str, list[str], int, str, int]) -> tuple[int, int]:
             corrupt.append({"image": name, "reason": f"unreadable file ({err.strerror or err})"})
     array = np.stack(images) if images else np.zeros((0, size, size), dtype=np.uint8)
     stem = Path(partial) / f"chunk_{number:06d}"
-    with open(f"{stem}.npy.tmp", "wb") as handle:
+    with atomic_path(Path(f"{stem}.npy")) as tmp, open(tmp, "xb") as handle:
         np.save(handle, array, allow_pickle=False)
-    os.replace(f"{stem}.npy.tmp", f"{stem}.npy")
-    _write_atomic(Path(f"{stem}.json"), json.dumps({"ok": ok, "corrupt": corrupt}).encode())
+    write_bytes(Path(f"{stem}.json"), json.dumps({"ok": ok, "corrupt": corrupt}).encode())
     return number, len(names)
 
 
@@ -207,7 +201,7 @@ def _open_partial(cache_dir: Path, size: int, chunk_size: int, inputs: str) -> P
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        _write_atomic(marker, stamp.encode())
+        write_bytes(marker, stamp.encode())
     return partial
 
 
@@ -231,16 +225,14 @@ def _assemble(partial: Path, chunks: int, size: int, target: Path) -> tuple[list
     if not ok:
         reasons = "; ".join(f"{c['image']}: {c['reason']}" for c in corrupt[:3])
         raise ValueError(f"all {len(corrupt)} images are corrupt, nothing to cache (e.g. {reasons})")
-    tmp = target.with_name(target.name + ".tmp")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
-    with open(tmp, "wb") as handle:
+    with atomic_path(target) as tmp, open(tmp, "xb") as handle:
         np.lib.format.write_array_header_1_0(handle, {**header, "shape": (len(ok), size, size)})
         for i, result in enumerate(results):
             array = np.load(partial / f"chunk_{i:06d}.npy", allow_pickle=False)
             if array.shape != (len(result["ok"]), size, size) or array.dtype != np.uint8:
                 raise ValueError(f"chunk {partial / f'chunk_{i:06d}.npy'} is damaged; delete {partial}")
             handle.write(array.tobytes())
-    os.replace(tmp, target)
     return ok, corrupt
 
 
@@ -320,14 +312,14 @@ def prepare_cache(
     # From here on the old report must not vouch for this size: its array and the index are replaced.
     arrays = {k: v for k, v in (previous or {}).get("arrays", {}).items() if k != str(size)}
     if previous:
-        _write_atomic(cache_dir / REPORT_NAME, json.dumps({**previous, "arrays": arrays}, indent=2).encode())
+        write_bytes(cache_dir / REPORT_NAME, json.dumps({**previous, "arrays": arrays}, indent=2).encode())
     ok, corrupt = _assemble(partial, chunks, size, cache_array_path(cache_dir, size))
     bad = {entry["image"] for entry in corrupt}
     index = inputs.table[~inputs.table["image"].isin(bad)]
     if index["image"].tolist() != ok:
         raise RuntimeError(f"internal error: decoded rows do not follow the label file order in {partial}")
     index_bytes = index.loc[:, list(INDEX_COLUMNS)].to_csv(index=False, lineterminator="\n").encode()
-    _write_atomic(cache_dir / INDEX_NAME, index_bytes)
+    write_bytes(cache_dir / INDEX_NAME, index_bytes)
 
     seconds = time.perf_counter() - start
     rate = round(decoded / seconds, 1) if seconds > 0 else 0.0
@@ -358,7 +350,7 @@ def prepare_cache(
         "index": hashlib.sha256(index_bytes).hexdigest(),
         "arrays": arrays,
     }
-    _write_atomic(cache_dir / REPORT_NAME, json.dumps(report, indent=2).encode())
+    write_bytes(cache_dir / REPORT_NAME, json.dumps(report, indent=2).encode())
     shutil.rmtree(partial)
     log.info(
         "prepared %d images at %dpx in %s: %d corrupt, %d missing",

@@ -4,6 +4,12 @@
 opens it read-only, applies the split and builds the datasets. Batches are `(images, labels)`: uint8
 [B, H, W] and float32 [B, 15] out of the DataLoader, float32 [B, 3, H, W] and float32 [B, 15] after
 `on_after_batch_transfer`, the one place where images are normalised.
+
+Under DDP the evaluation loaders shard without padding (`eval_sampler`): Lightning's default
+`DistributedSampler` repeats images to even out the ranks, and a repeat would enter the gathered whole-set
+AUROC twice. Uneven shares are safe in evaluation: DDP synchronises nothing in a forward pass without
+gradients, and torchmetrics gathers states of different lengths. Training keeps Lightning's wrapper around
+`EpochSeededSampler` (equal shares, drop_last batches: every rank takes the same optimizer steps).
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xraycls.data.cache import cache_array_path, cache_is_complete, open_cache, prepare_cache
 from xraycls.data.datasets import CachedXrayDataset, EpochSeededSampler, PngXrayDataset
@@ -25,7 +33,7 @@ from xraycls.data.splits import PARTS, SPLIT_NAMES, SplitAssignment, attach_offi
 from xraycls.data.transforms import DeviceNormalize, build_eval_transform, build_train_transform
 from xraycls.findings import LABELS
 
-__all__ = ["NIHDataModule", "SOURCES", "per_device_batch_size"]
+__all__ = ["NIHDataModule", "SOURCES", "eval_sampler", "per_device_batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,19 @@ def per_device_batch_size(global_batch: int, world_size: int) -> int:
             f"{world_size} (devices x nodes); choose a multiple of {world_size}"
         )
     return global_batch // world_size
+
+
+def eval_sampler(dataset: Dataset, rank: int | None = None, world_size: int | None = None) -> Sampler | None:
+    """This rank's share of an evaluation set without padding (rank r takes images r, r + W, ...; shares
+    differ by at most one), or None (the loader's plain order) for one process. `rank`/`world_size` default
+    to the initialised process group's. Lightning leaves the sampler alone: it is a `DistributedSampler`."""
+    if world_size is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size < 2:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -216,7 +237,7 @@ class NIHDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch,
-            sampler=EpochSeededSampler(len(dataset), self.hparams.seed) if train else None,
+            sampler=EpochSeededSampler(len(dataset), self.hparams.seed) if train else eval_sampler(dataset),
             # Every training step has the same batch shape: the IPU strategy compiles the step for one shape.
             drop_last=train,
             num_workers=workers,

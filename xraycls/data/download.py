@@ -30,6 +30,7 @@ from pathlib import Path
 from xraycls.data._extract import ArchiveError, extract_images
 from xraycls.data._http import ChecksumError, DownloadError, FetchOptions, WebPageError, fetch, file_md5
 from xraycls.data._http import check_problem as _check_problem
+from xraycls.files import write_text
 
 __all__ = [
     "RemoteFile",
@@ -265,9 +266,7 @@ def _record_report(root: Path, report: DownloadReport) -> None:
         "complete": report.ok(),
         "runs": runs,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 def _numbers(entry: object, *keys: str) -> bool:
@@ -302,11 +301,9 @@ def _get(remote: RemoteFile, root: Path, options: FetchOptions, keep_archives: b
         "fetch_seconds": round(fetched - started, 3),
         "extract_seconds": round(time.perf_counter() - fetched, 3),
     }
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(
-        json.dumps({"archive": remote.name, "md5": remote.md5, "members": members, **timing}) + "\n"
+    write_text(
+        marker, json.dumps({"archive": remote.name, "md5": remote.md5, "members": members, **timing}) + "\n"
     )
-    os.replace(tmp, marker)
     log.info("%s: extracted %d PNGs", remote.name, members)
     if not keep_archives:
         archive.unlink()

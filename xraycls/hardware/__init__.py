@@ -1,5 +1,5 @@
-"""Where a run executes: the hardware plan (`plan`), the IPU path (`ipu`) and DDP evaluation sampling
-(`sampling`). `xraycls.hardware.plan` imports nothing heavy; `ipu` imports PopTorch only when asked."""
+"""Where a run executes: the hardware plan (`plan`) and the IPU path (`ipu`). `xraycls.hardware.plan`
+imports nothing heavy; `ipu` imports PopTorch only when asked."""
 
 from xraycls.hardware.plan import HardwarePlan, PlanError, plan_from_config, resolve_plan, trainer_arguments
 

@@ -37,7 +37,6 @@ __all__ = [
     "block_stages",
     "build_options",
     "annotate_pipeline",
-    "backbone_depth",
     "ipu_trainer_arguments",
 ]
 
@@ -178,18 +177,6 @@ def _recomputation_hook(pt: ModuleType) -> Any:
         return pt.recomputationCheckpoint(output)
 
     return hook
-
-
-def backbone_depth(backbone: str, **kwargs: Any) -> int:
-    """Number of transformer blocks of a timm model, built on the meta device (no memory, no weights)."""
-    import timm
-
-    with torch.device("meta"):
-        model = timm.create_model(backbone, pretrained=False, **kwargs)
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ValueError(f"model {backbone!r} has no `blocks`: the IPU pipeline needs a ViT")
-    return len(blocks)
 
 
 def _lightning_ipu_classes(config_name: str) -> tuple[str, Any, Any, Any]:

@@ -353,9 +353,12 @@ PLAN_KEYS = (
 )
 
 
-def plan_from_config(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> HardwarePlan:
+def plan_from_config(
+    config: Mapping[str, Any], env: Mapping[str, str] | None = None, model_depth: int | None = None
+) -> HardwarePlan:
     """The plan of a whole resolved run config as plain containers (`hardware`, `data.batch_size`,
-    `trainer.accumulate_grad_batches`, and `model` for the depth an IPU layout must sum to).
+    `trainer.accumulate_grad_batches`). `model_depth`: the transformer blocks an IPU layout must sum to
+    (None: not checked); the caller computes it (`xraycls.model.backbone.backbone_depth`).
 
     `hardware.accumulation` null means the trainer's `accumulate_grad_batches`. Unknown `hardware` keys
     raise PlanError (a typo must not silently fall back to a default).
@@ -367,13 +370,6 @@ def plan_from_config(config: Mapping[str, Any], env: Mapping[str, str] | None = 
         raise PlanError(f"unknown hardware settings {unknown}; known: {list(PLAN_KEYS)} and ipu")
     if hardware.get("accumulation") is None:
         hardware["accumulation"] = int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1)
-    model_depth = None
-    if hardware.get("accelerator") == "ipu" and hardware.get("layers_per_ipu") is not None:
-        from xraycls.hardware.ipu import backbone_depth  # timm only where an IPU layout needs the depth
-
-        model = config.get("model") or {}
-        kwargs = {key: model[key] for key in ("img_size", "patch_size") if model.get(key) is not None}
-        model_depth = backbone_depth(model.get("backbone", "vit_base_patch16_224"), **kwargs)
     batch_size = (config.get("data") or {}).get("batch_size", 64)
     return resolve_plan(
         **{key: value for key, value in hardware.items() if value is not None or key in ("devices", "nodes")},

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +33,9 @@ from torch import Tensor, nn
 
 import xraycls
 from xraycls.data.transforms import DeviceNormalize, build_eval_transform
+from xraycls.files import atomic_dir, to_jsonable
 from xraycls.findings import LABELS
 from xraycls.model.backbone import create_backbone
-from xraycls.report.summary import to_jsonable
 
 __all__ = [
     "BUNDLE_WEIGHTS",
@@ -262,39 +260,16 @@ def export_bundle(
             f"export to {out_dir}: it exists and is not a model bundle (no {BUNDLE_CONFIG}); "
             f"refusing to replace it"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
-    tmp_dir.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp_dir:  # a previous bundle there is replaced whole, or kept on error
         safetensors.torch.save_file(tensors, str(tmp_dir / BUNDLE_WEIGHTS), metadata={"format": "pt"})
         text = json.dumps(config, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
         (tmp_dir / BUNDLE_CONFIG).write_text(text, encoding="utf-8")
-        _swap_in(tmp_dir, out_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
     log.info("model bundle written to %s (%s, %d tensors)", out_dir, backbone_name, len(tensors))
     return out_dir
 
 
 def _is_bundle_or_empty(folder: Path) -> bool:
     return (folder / BUNDLE_CONFIG).is_file() or not any(folder.iterdir())
-
-
-def _swap_in(new_dir: Path, out_dir: Path) -> None:
-    """Rename `new_dir` to `out_dir`; an existing `out_dir` is moved aside first and deleted after."""
-    old_dir = None
-    if out_dir.exists():
-        old_dir = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
-        out_dir.rename(old_dir)
-    try:
-        new_dir.rename(out_dir)
-    except BaseException:
-        if old_dir is not None:
-            old_dir.rename(out_dir)  # put the previous bundle back
-        raise
-    if old_dir is not None:
-        shutil.rmtree(old_dir)
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:

@@ -14,9 +14,7 @@ Works on timm VisionTransformers (``patch_embed``, ``blocks[i].norm1``), CLS-tok
 from __future__ import annotations
 
 import logging
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from xraycls.disclaimer import DISCLAIMER
+from xraycls.files import save_png
 from xraycls.inference.bundle import ModelBundle
 
 __all__ = ["HEATMAP_METHOD", "heatmap", "heatmaps", "save_heatmaps"]
@@ -147,15 +146,8 @@ def _overlay(image_u8: np.ndarray, heat: np.ndarray, title: str, out: Path) -> P
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="relative evidence (HiResCAM)")
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        metadata = {"Title": title.replace("\n", " | "), "Description": DISCLAIMER, "Software": "xraycls"}
-        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight", metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    metadata = {"Title": title.replace("\n", " | "), "Description": DISCLAIMER, "Software": "xraycls"}
+    return save_png(fig, out, dpi=_DPI, bbox_inches="tight", metadata=metadata)
 
 
 def save_heatmaps(

@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ import torch
 import xraycls
 from xraycls.data.transforms import DeviceNormalize
 from xraycls.disclaimer import DISCLAIMER
+from xraycls.files import atomic_path
 from xraycls.inference.bundle import ModelBundle
 
 __all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "OnnxMismatchError", "OnnxExportError", "export_onnx"]
@@ -143,9 +142,7 @@ def export_onnx(
         model = copy.deepcopy(model).cpu()
     model.eval()
     inputs = _sample_inputs(bundle, max(check_inputs, _TRACE_BATCH), seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(out) as tmp:  # nothing is written unless the check passes
         _export(model, inputs[:_TRACE_BATCH], tmp, opset, _metadata(bundle))
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only
@@ -165,9 +162,6 @@ def export_onnx(
             ),
             None,
         )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     size = int(bundle.preprocessing["input_size"])
     report = {
         "path": str(out),

@@ -11,19 +11,17 @@ temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import textwrap
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from xraycls.disclaimer import DISCLAIMER
+from xraycls.files import save_png, write_text
 from xraycls.findings import LABELS
 from xraycls.inference.results import Predictions
 
@@ -111,25 +109,13 @@ def predictions_json(predictions: Predictions) -> dict[str, Any]:
     }
 
 
-def _atomic_write(out: Path, write: Any) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
 def write_predictions(predictions: Predictions, out: Path) -> Path:
     """Write CSV or JSON by `out`'s extension (see the module doc); returns `out`."""
     if output_format(out) == "csv":
         text = format_csv(predictions)
     else:
         text = json.dumps(predictions_json(predictions), indent=2, ensure_ascii=False) + "\n"
-    return _atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_text(out, text)
 
 
 def real_labels(label_table: pd.DataFrame, paths: Sequence[Path]) -> dict[Path, list[str] | None]:
@@ -197,5 +183,4 @@ def plot_prediction_grid(
 ) -> Path:
     """Write `prediction_grid_figure` as a PNG at `out`; returns `out`."""
     fig = prediction_grid_figure(predictions, n=n, label_table=label_table)
-    FigureCanvasAgg(fig)  # this figure only: no pyplot, no global backend change
-    return _atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    return save_png(fig, out, dpi=100, bbox_inches="tight")  # Agg on this figure only: no pyplot state

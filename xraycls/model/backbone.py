@@ -46,6 +46,7 @@ __all__ = [
     "load_weights_file",
     "check_hub_weights",
     "param_groups",
+    "backbone_depth",
 ]
 
 log = logging.getLogger(__name__)
@@ -255,3 +256,13 @@ def param_groups(
         # timm's own schedulers read lr_scale; torch's LambdaLR scales each group's initial lr instead.
         group["lr"] = lr * group["lr_scale"]
     return groups
+
+
+def backbone_depth(backbone: str, **kwargs: Any) -> int:
+    """Number of transformer blocks of a timm model, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False, **kwargs)
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"model {backbone!r} has no `blocks`: the IPU pipeline needs a ViT")
+    return len(blocks)

@@ -1,4 +1,4 @@
-"""Run reports: plots (`plots`), summary.json helpers (`summary`), phase timing and throughput (`timing`).
+"""Reports drawn from finished runs: a run's plots (`plots`) and the cost study (`cost`).
 
-Nothing is imported here, so `xraycls.report.summary` can be used without loading matplotlib.
+Nothing is imported here, so importing one sub-module does not load the others.
 """

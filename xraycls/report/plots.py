@@ -2,25 +2,23 @@
 
 Figures are plain `matplotlib.figure.Figure` objects drawn on the Agg canvas: no pyplot, so importing or
 calling this module changes no global matplotlib state (backend, open figures) and works in threads and on
-machines without a display. Each PNG is written to a temporary file beside its target and renamed into place.
+machines without a display. Each PNG is written atomically (`xraycls.files.save_png`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import textwrap
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
+from xraycls.files import save_png
 from xraycls.findings import LABELS
 
 __all__ = ["plot_training_curves", "plot_roc_curves", "plot_sample_grid"]
@@ -34,16 +32,7 @@ _SMOOTH_MIN_POINTS = 50  # from this many loss points on, a moving average is dr
 
 
 def _save(fig: Figure, out: Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)  # attaches the Agg canvas to this figure only
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_png(fig, out, dpi=DPI, bbox_inches="tight")
 
 
 def _series(table: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""What a run costs: run timings (summary.json) x flavor prices (`report.flavor`), and at k x the data.
+"""What a run costs: run timings (summary.json) x flavor prices (`flavor`), and at k x the data.
 
 Per run, in seconds of wall time:
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from xraycls.report.flavor import Flavor
+from xraycls.report.cost.flavor import Flavor
 
 __all__ = [
     "RunCost",

@@ -1,4 +1,5 @@
-"""Flavors: rented machines with a price, read from `conf/flavor/NAME.yaml` with plain YAML (no Hydra).
+"""Flavors: rented machines with a price, read from `NAME.yaml` files with plain YAML (no Hydra); the
+project's are in experiments/cost_study/flavors/.
 
 A flavor names the hardware config its runs use, a price per hour for the whole machine, a currency, where
 the price came from and when (`source`, `as_of`), and `placeholder` (true until someone checks the price:
@@ -10,14 +11,14 @@ what a run's recorded hardware is matched against; `hardware` says how to run on
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["Flavor", "load_flavor", "load_flavors"]
+__all__ = ["Flavor", "load_flavor", "load_flavors", "parse_flavor_assignments"]
 
 _PLAN_KEYS = ("accelerator", "devices", "nodes", "ipus")
 
@@ -108,3 +109,19 @@ def load_flavors(directory: str | Path) -> dict[str, Flavor]:
     if not directory.is_dir():
         raise FileNotFoundError(f"flavor folder not found: {directory}")
     return {path.stem: load_flavor(path) for path in sorted(directory.glob("*.yaml"))}
+
+
+def parse_flavor_assignments(items: Iterable[str]) -> dict[str, str]:
+    """`NAME=RUN_GLOB` strings (`xraycls cost --flavor`) as {flavor name: glob of run directories}.
+
+    ValueError for an item without both parts, and for a name given twice.
+    """
+    assign: dict[str, str] = {}
+    for item in items:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--flavor {item!r}: expected NAME=RUN_GLOB, e.g. cpu_vm='runs/demo/*'")
+        if name in assign:
+            raise ValueError(f"--flavor {name} is given twice ({assign[name]!r} and {pattern!r})")
+        assign[name] = pattern
+    return assign

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from xraycls.report.cost import CostGroup
+from xraycls.files import save_png
+from xraycls.report.cost.runs import CostGroup
 
 __all__ = ["plot_cost_bars"]
 
@@ -78,11 +76,4 @@ def _currency_label(groups: Sequence[CostGroup]) -> str:
 
 
 def _save(fig: Figure, out: Path) -> Path:
-    FigureCanvasAgg(fig)  # the Agg canvas for this figure only: no pyplot state
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_png(fig, out, dpi=DPI)

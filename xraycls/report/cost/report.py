@@ -17,14 +17,13 @@ Money columns of a flavor whose price is a placeholder carry a `*` and the repor
 from __future__ import annotations
 
 import csv
-import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from xraycls.report.cost import CostGroup, Stat
-from xraycls.report.cost_charts import plot_cost_bars
-from xraycls.report.published import PUBLISHED, PUBLISHED_ROWS, PublishedFigure
+from xraycls.files import atomic_path, write_text
+from xraycls.report.cost.charts import plot_cost_bars
+from xraycls.report.cost.published import PUBLISHED, PUBLISHED_ROWS, PublishedFigure
+from xraycls.report.cost.runs import CostGroup, Stat
 
 __all__ = ["write_cost_report", "format_duration"]
 
@@ -83,7 +82,7 @@ def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[Publish
             "",
             f"> **PLACEHOLDER PRICES** (`*`): no verified price for {', '.join(placeholders)}, so "
             "their money columns show the arithmetic, not a quote. Set `price_per_hour`, `source`, `as_of` "
-            "and `placeholder: false` in `conf/flavor/NAME.yaml` for real figures.",
+            "and `placeholder: false` in `experiments/cost_study/flavors/NAME.yaml` for real figures.",
         ]
     out += ["", "## At 1x the data: measured (mean ± std over n runs), then published IPU figures", ""]
     parts = ("preparation", "training", "total")
@@ -238,12 +237,10 @@ def _run_rows(groups: Sequence[CostGroup], k: float) -> list[dict]:
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "x", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    os.replace(tmp, path)
     return path
 
 
@@ -262,7 +259,7 @@ def write_cost_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "cost_report.md"
-    markdown.write_text(_markdown(groups, scale, published))
+    write_text(markdown, _markdown(groups, scale, published))
     written = {
         "markdown": markdown,
         "groups_csv": _write_csv(out / "cost_groups.csv", _group_rows(groups, scale)),
