@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import PROJECT_ROOT
+from _project import PROJECT_ROOT
 
 from xraycls.experiment.record import COMPLETE, FAIL, INTERRUPTED, RUNNING, append_trials, trial_row
 from xraycls.experiment.report import write_sweep_report
