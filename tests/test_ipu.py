@@ -24,6 +24,7 @@ from _project import PROJECT_ROOT
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from xraycls.errors import SettingsError
 from xraycls.hardware.ipu import (
     IPUSettings,
     IPUUnavailableError,
@@ -220,8 +221,10 @@ def test_without_poptorch_an_ipu_config_fails_at_once_naming_what_is_needed(
                 f"paths.output_dir={tmp_path}/run",
             ],
         )
-    with pytest.raises(IPUUnavailableError, match="hardware=vpod4 needs PopTorch"):
+    # run_training reports it as a setting error (one line, exit 2 from train.py), caused by the same error.
+    with pytest.raises(SettingsError, match="hardware=vpod4 needs PopTorch") as refused:
         run_training(cfg)
+    assert isinstance(refused.value.__cause__, IPUUnavailableError)
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -139,11 +139,7 @@ class NIHDataModule(L.LightningDataModule):
         cache_dir = Path(self.hparams.cache_dir)
         if cache_is_complete(cache_dir, self.hparams.image_size):
             return
-        if not self.hparams.root:
-            raise FileNotFoundError(
-                f"no complete {self.hparams.image_size}px cache in {cache_dir} and no root to build it from: "
-                "set root to the NIH folder (images/ + label file) or cache_dir to a finished cache"
-            )
+        self.check_sources()
         log.info(
             "building the %dpx cache in %s from %s", self.hparams.image_size, cache_dir, self.hparams.root
         )
@@ -153,6 +149,25 @@ class NIHDataModule(L.LightningDataModule):
             size=self.hparams.image_size,
             workers=self.hparams.prepare_workers,
         )
+
+    def check_sources(self) -> None:
+        """Raise FileNotFoundError, reading no image, unless the data can be had: a finished cache of this
+        size (source="cache"), or a root with images/ and a label file to build or read it from."""
+        hp = self.hparams
+        if hp.source == "cache" and cache_is_complete(Path(hp.cache_dir), hp.image_size):
+            return
+        if not hp.root:
+            raise FileNotFoundError(
+                f"no complete {hp.image_size}px cache in {hp.cache_dir} and no root to build it from: "
+                "set root to the NIH folder (images/ + label file) or cache_dir to a finished cache"
+            )
+        images = Path(hp.root) / "images"
+        if not images.is_dir():
+            cache = (
+                f" and no complete {hp.image_size}px cache in {hp.cache_dir}" if hp.source == "cache" else ""
+            )
+            raise FileNotFoundError(f"no images folder at {images} (expected ROOT/images/*.png){cache}")
+        find_label_file(Path(hp.root))  # raises, naming the file names it looked for
 
     # ----------------------------------------------------------------------------------------- reading
     def setup(self, stage: str | None = None) -> None:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from xraycls.model import hf_vit
 
 __all__ = [
+    "check_backbone_source",
     "DEFAULT_BACKBONE",
     "HUB_TIMEOUT_S",
     "WeightsUnavailableError",
@@ -184,8 +185,7 @@ def create_backbone(
     missing file, `WeightsUnavailableError` for hub weights this machine cannot fetch.
     """
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
-        raise ValueError(f"model.backbone={name!r} is not a timm model (similar: {close})")
+        check_backbone_source(name, "none")  # raises, naming similar models
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path_rate, **timm_kwargs}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -201,6 +201,20 @@ def create_backbone(
         except OSError as err:  # huggingface_hub and urllib errors are all OSErrors
             raise _unavailable(name, f"the download failed ({type(err).__name__}: {err})") from err
     return _create_from_file(name, Path(source), kwargs)
+
+
+def check_backbone_source(name: str, weights: str | os.PathLike[str] = "hub") -> None:
+    """What `create_backbone(name, weights=...)` would refuse, checked without building the model: an unknown
+    timm name (ValueError), a weights path that does not exist (FileNotFoundError), hub weights this machine
+    cannot get (`WeightsUnavailableError`)."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+        raise ValueError(f"model.backbone={name!r} is not a timm model (similar: {close})")
+    source = str(weights)
+    if source.lower() == "hub":
+        check_hub_weights(name)
+    elif source.lower() != "none" and not Path(source).exists():
+        raise FileNotFoundError(f"model.weights={source!r}: no such file or folder (or use 'hub' or 'none')")
 
 
 def _create_from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:

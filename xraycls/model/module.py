@@ -40,7 +40,7 @@ from xraycls.model.backbone import DEFAULT_BACKBONE, create_backbone, param_grou
 from xraycls.model.metrics import XrayMetrics
 from xraycls.model.schedule import warmup_cosine, warmup_cosine_factor
 
-__all__ = ["XrayClassifier", "pos_weight_from_prevalence"]
+__all__ = ["XrayClassifier", "check_optim_settings", "pos_weight_from_prevalence"]
 
 
 def pos_weight_from_prevalence(prevalence: Tensor, max_weight: float = 100.0) -> list[float]:
@@ -88,7 +88,7 @@ class XrayClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_settings(lr, weight_decay, warmup_ratio, min_lr_ratio, layer_decay, betas)
+        check_optim_settings(lr, weight_decay, warmup_ratio, min_lr_ratio, layer_decay, betas)
         pos_weight_tensor = _pos_weight_tensor(pos_weight)
         # A wrong config fails above, before the (possibly long) weight download below.
         self.backbone = create_backbone(
@@ -270,7 +270,7 @@ class XrayClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _check_settings(
+def check_optim_settings(
     lr: float,
     weight_decay: float,
     warmup_ratio: float,
@@ -278,6 +278,7 @@ def _check_settings(
     layer_decay: float | None,
     betas: Sequence[float],
 ) -> None:
+    """Raise ValueError naming the first optimiser setting that cannot work (no model is built)."""
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"optim.lr must be a positive number, got {lr!r}")
     if weight_decay < 0:

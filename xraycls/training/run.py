@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from xraycls.files import write_json, write_text
 from xraycls.findings import LABELS
 from xraycls.hardware.plan import HardwarePlan
+from xraycls.model.checkpoint import open_checkpoint
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.training.artifacts import export_model, write_plots
 from xraycls.training.callbacks import instantiate_callbacks
@@ -40,10 +41,26 @@ from xraycls.training.config import (
 )
 from xraycls.training.outputs import gathered_outputs
 from xraycls.training.preparation import preparation_timing
+from xraycls.training.settings import (
+    check_model_source,
+    check_settings,
+    finished_summary,
+    set_aside,
+    setting_errors,
+)
 from xraycls.training.summary import SUMMARY_NAME, collect_versions, metrics_block, run_thresholds
 from xraycls.training.timing import RunTimer
 
-__all__ = ["TrainingRun", "Evaluation", "build", "fit", "evaluate", "export", "run_training"]
+__all__ = [
+    "TrainingRun",
+    "Evaluation",
+    "build",
+    "fit",
+    "require_trained",
+    "evaluate",
+    "export",
+    "run_training",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +94,27 @@ class Evaluation:
 
 
 def run_training(cfg: DictConfig) -> dict:
-    """Fit, validate and test the best checkpoint, export and plot; returns the summary written to disk."""
+    """Fit, validate and test the best checkpoint, export and plot; returns the summary written to disk.
+
+    Raises `SettingsError` before any work for a setting or input that cannot work. A finished run (its
+    summary.json exists) is left untouched and its summary returned, unless `overwrite=true`, which moves
+    its files aside (`replaced_<time>/`) and starts it over.
+    """
+    check_settings(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    finished = finished_summary(run_dir)
+    if finished is not None and not cfg.get("overwrite"):
+        log.info(
+            "run %s is finished (its summary: %s); nothing to do (overwrite=true starts it over)",
+            run_dir,
+            run_dir / SUMMARY_NAME,
+        )
+        return finished
     run = build(cfg)
+    if finished is not None:
+        set_aside(run_dir)
     model = fit(run)
+    require_trained(run)
     evaluation = evaluate(run, model)
     summary = summarise(run, evaluation)
     export(run, model, evaluation, summary)
@@ -90,29 +125,37 @@ def run_training(cfg: DictConfig) -> dict:
 
 
 def build(cfg: DictConfig) -> TrainingRun:
-    """The run directory with config.yaml, the seed, and every part; a wrong setting stops here."""
+    """Every part of the run, then the run directory with config.yaml and the seed; a wrong setting or
+    input raises `SettingsError` before anything is written."""
     started, started_at = time.perf_counter(), time.time()
     run_dir = Path(cfg.paths.output_dir)
+    with setting_errors():  # anything wrong here is a setting or an input: one line, no work done
+        thresholds = threshold_settings(cfg)
+        plan = hardware_plan(cfg)
+        hardware_args = hardware_arguments(cfg, plan)
+        check_model_source(cfg)
+        datamodule = instantiate(cfg.data, batch_size=plan.loader_batch)
+        datamodule.check_sources()
+        resume = find_resume_checkpoint(
+            cfg.get("ckpt_path"), run_dir, Path(cfg.paths.runs_dir), str(cfg.task_name)
+        )
+        if resume is not None and not (cfg.get("overwrite") and resume.is_relative_to(run_dir)):
+            open_checkpoint(resume)  # refuses a file that would run code, before Lightning opens it
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        for key in hardware_args:  # passed as objects below, not merged into the config
+            trainer_cfg.pop(key, None)
+        callbacks = instantiate_callbacks(cfg)
+        loggers = instantiate_group(cfg.get("logger"))
+        trainer: L.Trainer = instantiate(
+            trainer_cfg, callbacks=callbacks, logger=loggers or False, **hardware_args
+        )
+    if cfg.get("overwrite") and resume is not None and resume.is_relative_to(run_dir):
+        resume = None  # overwrite=true starts over: its own last.ckpt is set aside, not resumed
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
-
-    thresholds = threshold_settings(cfg)
-    plan = hardware_plan(cfg)
-    hardware_args = hardware_arguments(cfg, plan)
-    datamodule = instantiate(cfg.data, batch_size=plan.loader_batch)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in hardware_args:  # passed as objects below, not merged into the config
-        trainer_cfg.pop(key, None)
-    callbacks = instantiate_callbacks(cfg)
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=loggers or False, **hardware_args
-    )
-    resume = find_resume_checkpoint(
-        cfg.get("ckpt_path"), run_dir, Path(cfg.paths.runs_dir), str(cfg.task_name)
-    )
-    return TrainingRun(cfg, run_dir, plan, datamodule, trainer, thresholds, resume, started, started_at)
+    run = TrainingRun(cfg, run_dir, plan, datamodule, trainer, thresholds, resume, started, started_at)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    return run
 
 
 def fit(run: TrainingRun) -> XrayClassifier:
@@ -137,11 +180,22 @@ def fit(run: TrainingRun) -> XrayClassifier:
     return model
 
 
+def require_trained(run: TrainingRun) -> None:
+    """A fit that took no optimizer step (e.g. fewer batches than one accumulation) must not ship a model."""
+    if run.trainer.global_step == 0:
+        raise RuntimeError(
+            f"run {run.run_dir}: the fit took no optimizer step (trainer.limit_train_batches, "
+            "accumulation or the data size); no model is exported from untrained weights"
+        )
+
+
 def evaluate(run: TrainingRun, model: XrayClassifier) -> Evaluation:
     """Validate (and, with `test`, test) the best checkpoint; a collective: call it on every rank."""
     trainer, datamodule = run.trainer, run.datamodule
     checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    if best is not None:
+        open_checkpoint(best)  # every checkpoint Lightning opens is read safely first (the legacy stack)
     # Validate the best checkpoint again so summary's val metrics belong to the exported weights.
     trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     val_metrics = model.last_metrics.get("val")
