@@ -20,7 +20,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from xraycls.files import write_json, write_text
@@ -28,7 +27,7 @@ from xraycls.findings import LABELS
 from xraycls.hardware.plan import HardwarePlan
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.training.artifacts import export_model, write_plots
-from xraycls.training.callbacks import instantiate_callbacks
+from xraycls.training.callbacks import best_checkpoint_callback, instantiate_callbacks
 from xraycls.training.config import (
     find_resume_checkpoint,
     hardware_arguments,
@@ -140,7 +139,7 @@ def fit(run: TrainingRun) -> XrayClassifier:
 def evaluate(run: TrainingRun, model: XrayClassifier) -> Evaluation:
     """Validate (and, with `test`, test) the best checkpoint; a collective: call it on every rank."""
     trainer, datamodule = run.trainer, run.datamodule
-    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    checkpoint = best_checkpoint_callback(trainer.callbacks, str(run.cfg.optimized_metric))
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     # Validate the best checkpoint again so summary's val metrics belong to the exported weights.
     trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
