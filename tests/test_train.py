@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _project import CONF_DIR, PROJECT_ROOT, compose_cfg, demo_overrides
@@ -21,6 +22,8 @@ from omegaconf import OmegaConf
 from xraycls.data.cache import open_cache
 from xraycls.findings import FINDINGS, LABELS
 from xraycls.inference.bundle import load_bundle
+from xraycls.model.checkpoint import open_checkpoint
+from xraycls.report.plots import _val_auroc_figure
 from xraycls.training import instantiate_callbacks, run_training
 
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -160,28 +163,55 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, **kwargs)
 
 
+def _epoch_and_step(path: Path) -> tuple[int, int]:
+    checkpoint = open_checkpoint(path)
+    return checkpoint["epoch"], checkpoint["global_step"]
+
+
+# The "best" checkpoint is the lowest epoch: every epoch after the first is worse by construction, so no later
+# top-k checkpoint is saved (Lightning's save_last then left last.ckpt at epoch 0).
+_NEVER_IMPROVES = ("callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min")
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_metrics(data_dir: Path, tmp_path: Path) -> None:
     """SIGKILL after epoch 1's checkpoint, rerun in the same directory: same metrics as an uninterrupted run.
 
     Tolerance: 1e-6 absolute on every AUROC and loss. The CPU kernels are deterministic and the data
     order and augmentation depend only on (seed, epoch), so the two runs do the same arithmetic.
+    Epochs 1 and 2 never improve the monitored metric (`_NEVER_IMPROVES`), yet last.ckpt holds each, so the
+    rerun resumes at epoch 2; and its metrics.csv equals the straight run's row for row (the history kept).
     """
     straight = tmp_path / "straight"
-    assert _run(_train_command(data_dir, straight)).returncode == 0
+    assert _run(_train_command(data_dir, straight, *_NEVER_IMPROVES)).returncode == 0
+    reference = json.loads((straight / "summary.json").read_text())
+    assert Path(reference["best_checkpoint"]).name == "best-epoch00.ckpt"  # the premise: no improvement
+    final_epoch, final_step = _epoch_and_step(straight / "checkpoints" / "last.ckpt")
+    assert final_epoch == 2 and final_step > 0  # the last epoch, though it did not improve
     killed = tmp_path / "killed"
     kill = ["+callbacks.kill._target_=tests.helpers.KillAtEpochStart", "+callbacks.kill.epoch=2"]
-    first = _run(_train_command(data_dir, killed, *kill))
+    first = _run(_train_command(data_dir, killed, *_NEVER_IMPROVES, *kill))
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert (killed / "checkpoints" / "last.ckpt").is_file() and not (killed / "summary.json").exists()
-    second = _run(_train_command(data_dir, killed))
+    assert _epoch_and_step(killed / "checkpoints" / "last.ckpt") == (1, final_step * 2 // 3)
+    second = _run(_train_command(data_dir, killed, *_NEVER_IMPROVES))
     assert second.returncode == 0, second.stderr[-2000:]
     resumed = json.loads((killed / "summary.json").read_text())
-    reference = json.loads((straight / "summary.json").read_text())
     assert resumed["resumed_from"].endswith("last.ckpt")
     for stage in ("val", "test"):
         for key in ("loss", "auroc_macro14", "auroc_seed_compat"):
             assert resumed["metrics"][stage][key] == pytest.approx(reference["metrics"][stage][key], abs=1e-6)
+    assert Path(resumed["best_checkpoint"]).name == "best-epoch00.ckpt"  # the best callback's state came back
+    # The history: every row of the straight run, none twice (the rows after the checkpoint, flushed before
+    # the kill, are dropped and logged again), no timing columns to ignore.
+    straight_rows = pd.read_csv(straight / "metrics.csv")
+    resumed_rows = pd.read_csv(killed / "metrics.csv")
+    assert (straight_rows["epoch"].dropna() == 0).any()
+    pd.testing.assert_frame_equal(resumed_rows, straight_rows, check_exact=False, rtol=0, atol=1e-6)
+    # The plot shows the three trained epochs, not the best checkpoint's validation after fit (epoch 3).
+    assert straight_rows.loc[straight_rows["val/auroc_macro14"].notna(), "epoch"].max() == 3
+    (ax,) = _val_auroc_figure(resumed_rows).axes
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [0, 1, 2])
 
 
 @pytest.mark.slow

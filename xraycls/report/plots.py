@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DPI = 110
 _LOSS, _LR = "train/loss", "lr"
+_TRAIN_EPOCH = "train/loss_epoch"  # logged once per training epoch, after the epoch's validation
 _VAL_AUROC = ("val/auroc_macro14", "val/auroc_macro15", "val/auroc_seed_compat")
 _SMOOTH_MIN_POINTS = 50  # from this many loss points on, a moving average is drawn over the raw curve
 
@@ -82,8 +83,19 @@ def _loss_lr_figure(table: pd.DataFrame) -> Figure | None:
     return fig
 
 
+def _fit_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows the fit logged: up to its last training-epoch row. After fit, the run validates and tests the
+    best checkpoint again; Lightning logs those at the fit's last step with epoch = max_epochs, an epoch
+    that was never trained, and the best epoch's values (metrics.csv keeps them; summary.json has them)."""
+    if _TRAIN_EPOCH not in table:
+        return table
+    trained = np.flatnonzero(table[_TRAIN_EPOCH].notna().to_numpy())
+    return table.iloc[: trained[-1] + 1] if len(trained) else table
+
+
 def _val_auroc_figure(table: pd.DataFrame) -> Figure | None:
-    """The three validation AUROCs against the epoch; None when none was logged."""
+    """The three validation AUROCs against the epoch, of the fit's epochs only; None when none was logged."""
+    table = _fit_rows(table)
     curves = [(col, *_series(table, "epoch", col)) for col in _VAL_AUROC]
     curves = [curve for curve in curves if len(curve[1])]
     if not curves:
@@ -109,9 +121,10 @@ def plot_training_curves(metrics_csv: Path, out_dir: Path) -> list[Path]:
 
     ``out_dir/train_loss_lr.png``: ``train/loss`` and ``lr`` against ``step`` (two panels, the guide's
     plot; a moving mean is drawn over a long loss curve). ``out_dir/val_auroc.png``: ``val/auroc_macro14``,
-    ``val/auroc_macro15`` and ``val/auroc_seed_compat`` against ``epoch``. A plot whose columns are all
-    absent (or empty) is skipped with a log line. Raises FileNotFoundError / ValueError for a missing or
-    unreadable CSV.
+    ``val/auroc_macro15`` and ``val/auroc_seed_compat`` against ``epoch``, for the epochs the fit trained
+    (rows after the last ``train/loss_epoch`` are the best checkpoint's evaluation, not an epoch). A plot
+    whose columns are all absent (or empty) is skipped with a log line. Raises FileNotFoundError /
+    ValueError for a missing or unreadable CSV.
     """
     table = _read_metrics(metrics_csv)
     out_dir = Path(out_dir)

@@ -20,7 +20,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from xraycls.files import write_json, write_text
@@ -29,7 +28,7 @@ from xraycls.hardware.plan import HardwarePlan
 from xraycls.model.checkpoint import open_checkpoint
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.training.artifacts import export_model, write_plots
-from xraycls.training.callbacks import instantiate_callbacks
+from xraycls.training.callbacks import best_checkpoint_callback, instantiate_callbacks
 from xraycls.training.config import (
     find_resume_checkpoint,
     hardware_arguments,
@@ -192,7 +191,7 @@ def require_trained(run: TrainingRun) -> None:
 def evaluate(run: TrainingRun, model: XrayClassifier) -> Evaluation:
     """Validate (and, with `test`, test) the best checkpoint; a collective: call it on every rank."""
     trainer, datamodule = run.trainer, run.datamodule
-    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    checkpoint = best_checkpoint_callback(trainer.callbacks, str(run.cfg.optimized_metric))
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     if best is not None:
         open_checkpoint(best)  # every checkpoint Lightning opens is read safely first (the legacy stack)
