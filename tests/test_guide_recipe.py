@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 from _project import compose_cfg
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from xraycls.data.datamodule import NIHDataModule
 from xraycls.data.labels import read_label_file
 from xraycls.data.splits import attach_official_split, build_split
 from xraycls.data.synthetic import make_synthetic_nih
+from xraycls.training import instantiate_callbacks
 
 # The guide's logs (Graphcore's walkthrough on 4 IPUs): images, global batch, optimizer steps.
 GUIDE_TRAIN, GUIDE_VAL, GUIDE_BATCH, GUIDE_STEPS, GUIDE_EPOCHS = 106_514, 5_606, 128, 2_496, 3
@@ -36,6 +38,8 @@ def test_seed_reproduction_config_is_the_guides_recipe(tmp_path: Path) -> None:
     assert optim["min_lr_ratio"] == model["min_lr_ratio"] == 0.0
     assert optim["betas"] == [0.9, 0.999] and optim["layer_decay"] is None
     assert trainer["max_epochs"] == GUIDE_EPOCHS
+    # The guide reported its final model: no choice of epoch on the set that is also reported.
+    assert cfg["callbacks"]["model_checkpoint"]["monitor"] is None
     assert data["batch_size"] * trainer["accumulate_grad_batches"] == GUIDE_BATCH
     # 832 full batches per epoch (drop_last) x 3 epochs: the guide's 2,496 optimizer steps.
     assert GUIDE_TRAIN // GUIDE_BATCH * GUIDE_EPOCHS == GUIDE_STEPS
@@ -48,6 +52,12 @@ def test_other_recipes_keep_the_label_file_order(tmp_path: Path) -> None:
         assert cfg.data.split_row_order == "label_file", overrides
     datamodule = instantiate(compose_cfg(["experiment=seed_reproduction"], tmp_path).data)
     assert isinstance(datamodule, NIHDataModule) and datamodule.hparams.split_row_order == "file_name"
+    (checkpoint,) = [
+        cb
+        for cb in instantiate_callbacks(compose_cfg(["experiment=seed_reproduction"], tmp_path))
+        if isinstance(cb, ModelCheckpoint)
+    ]
+    assert checkpoint.monitor is None and checkpoint.save_top_k == 1
 
 
 def test_a_wrong_row_order_stops_the_datamodule_at_once(tmp_path: Path) -> None:
