@@ -12,6 +12,7 @@ from _project import NIH_SHARED
 
 from xraycls.data.labels import read_label_file
 from xraycls.data.splits import (
+    ROW_ORDERS,
     SPLIT_NAMES,
     TEST_LIST,
     TRAIN_VAL_LIST,
@@ -207,6 +208,37 @@ def test_seed_random_on_the_full_release_size_matches_hugging_face() -> None:
     assert {60849, 4333, 105356, 55001, 16092} <= set(val.tolist())
 
 
+def _held_out_names(table: pd.DataFrame, row_order: str, seed: int = 1337) -> set[str]:
+    split = build_split(table, "seed_random", seed=seed, row_order=row_order)
+    return set(table["image"].to_numpy()[split.indices("val")].tolist())
+
+
+def test_seed_random_in_file_name_order_permutes_the_sorted_names() -> None:
+    table = _table(80)
+    shuffled = table.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    by_name = table.sort_values("image").reset_index(drop=True)
+    # File-name order is the label-file order of the name-sorted table, whatever order the rows came in.
+    expected = _held_out_names(by_name, "label_file")
+    assert _held_out_names(shuffled, "file_name") == _held_out_names(table, "file_name") == expected
+    assert _held_out_names(shuffled, "label_file") != expected
+    split = build_split(shuffled, "seed_random", seed=1337, row_order="file_name")
+    assert len(split.indices("val")) == math.ceil(0.05 * len(table)) and split.part.shape == (len(table),)
+
+
+@pytest.mark.parametrize("name", ["official", "patient_random"])
+def test_patient_wise_splits_ignore_the_row_order_setting(name: str) -> None:
+    table = _with_official(_table(50)).sample(frac=1.0, random_state=1).reset_index(drop=True)
+    parts = [build_split(table, name, seed=4, row_order=order).part for order in ROW_ORDERS]
+    assert np.array_equal(*parts)
+
+
+def test_unknown_row_order_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown row order 'shuffled'; expected one of label_file, file_name"
+    ):
+        build_split(_table(10), "seed_random", seed=0, row_order="shuffled")
+
+
 @pytest.mark.parametrize("name", SPLIT_NAMES)
 def test_same_seed_same_split_other_seed_other_split(name: str) -> None:
     table = _with_official(_table(120))
@@ -331,3 +363,24 @@ def test_real_partial_label_table_gets_the_official_split(real_table: pd.DataFra
     part = real_table.drop(columns="split_official").iloc[::50].reset_index(drop=True)  # like Kaggle's sample
     attached = attach_official_split(part, NIH_SHARED)
     assert attached["split_official"].tolist() == real_table["split_official"].iloc[::50].tolist()
+
+
+@pytest.mark.real_nih
+def test_real_seed_random_in_file_name_order_has_the_guides_sizes(real_table: pd.DataFrame) -> None:
+    by_name = build_split(real_table, "seed_random", seed=1337, row_order="file_name")
+    # The guide's logs: 106,514 training and 5,606 validation images (ceil(0.05 * 112,120) held out).
+    assert len(real_table) == 112_120
+    assert (len(by_name.indices("train")), len(by_name.indices("val"))) == (106_514, 5_606)
+    # The label file is not in file-name order, so the same seed holds out other images ...
+    by_file = build_split(real_table, "seed_random", seed=1337, row_order="label_file")
+    assert not np.array_equal(by_name.part, by_file.part)
+    # ... and file-name order is the label-file order of the name-sorted table, row-aligned either way.
+    sorted_table = real_table.sort_values("image", kind="stable").reset_index(drop=True)
+    names = real_table["image"].to_numpy()
+    sorted_split = build_split(sorted_table, "seed_random", seed=1337, row_order="label_file")
+    assert set(names[by_name.indices("val")]) == set(
+        sorted_table["image"].to_numpy()[sorted_split.indices("val")]
+    )
+    assert by_name.leaked_patients == len(
+        _patients(real_table, by_name.indices("train")) & _patients(real_table, by_name.indices("val"))
+    )

@@ -34,7 +34,7 @@ from xraycls.findings import NUM_LABELS
 from xraycls.hardware.plan import resolve_precision
 from xraycls.model.module import XrayClassifier
 from xraycls.model.schedule import warmup_cosine
-from xraycls.training import instantiate
+from xraycls.training.config import instantiate
 from xraycls.training.timing import RunTimer
 
 __all__ = ["Run", "Window", "DeviceBatches", "BareLoop", "LightningPath", "make_module"]

@@ -35,7 +35,7 @@ from _common import RESULTS, compose_config, machine, rate, versions, write
 from xraycls.data.cache import open_cache, prepare_cache
 from xraycls.data.datamodule import NIHDataModule
 from xraycls.data.synthetic import make_synthetic_nih
-from xraycls.training import instantiate
+from xraycls.training.config import instantiate
 
 TARGET_PER_CORE = 1000.0
 

@@ -52,7 +52,7 @@ from _train_report import markdown, summarise
 
 from xraycls.data.cache import prepare_cache
 from xraycls.data.synthetic import make_synthetic_nih
-from xraycls.training import instantiate
+from xraycls.training.config import instantiate
 
 LOOP_OVERHEAD_TARGET = 1.10  # Lightning time per step / bare time per step, CPU, tiny ViT
 GPU_TARGETS = {"train": 0.98, "eval": 0.95}  # cache-fed project images/s / bare images/s

@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from xraycls.data.cache import cache_array_path, cache_is_complete, open_cache, prepare_cache
 from xraycls.data.datasets import CachedXrayDataset, EpochSeededSampler, PngXrayDataset
 from xraycls.data.labels import find_label_file, read_label_file
-from xraycls.data.splits import PARTS, SPLIT_NAMES, SplitAssignment, attach_official_split, build_split
+from xraycls.data.splits import (
+    PARTS,
+    ROW_ORDERS,
+    SPLIT_NAMES,
+    SplitAssignment,
+    attach_official_split,
+    build_split,
+)
 from xraycls.data.transforms import DeviceNormalize, build_eval_transform, build_train_transform
 from xraycls.findings import LABELS
 
@@ -75,7 +82,8 @@ class NIHDataModule(L.LightningDataModule):
 
     `batch_size` is the global batch per step over all devices; `setup` divides it by the trainer's world
     size (devices x nodes). Gradient accumulation, if any, comes on top of it. `split` is one of
-    `xraycls.data.splits.SPLIT_NAMES`; `val_fraction`/`test_fraction`/`split_seed` shape the random splits.
+    `xraycls.data.splits.SPLIT_NAMES`; `val_fraction`/`test_fraction`/`split_seed` shape the random splits,
+    and `split_row_order` (`label_file` | `file_name`) is the row order `seed_random` permutes.
     `augment` takes the fields of `xraycls.data.transforms.TrainAugment` (e.g. `{"hflip_p": 0.5}`).
     `seed` fixes the training order and augmentation per epoch (`EpochSeededSampler`), so a resumed run
     repeats an uninterrupted one. `shuffle_train_labels` permutes the label rows of the train part
@@ -93,6 +101,7 @@ class NIHDataModule(L.LightningDataModule):
         split_seed: int = 0,
         val_fraction: float | None = None,
         test_fraction: float | None = None,
+        split_row_order: str = "label_file",
         batch_size: int = 64,
         num_workers: int = 4,
         pin_memory: bool = True,
@@ -110,6 +119,8 @@ class NIHDataModule(L.LightningDataModule):
             raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
         if split not in SPLIT_NAMES:
             raise ValueError(f"unknown split {split!r}; choose one of {list(SPLIT_NAMES)}")
+        if split_row_order not in ROW_ORDERS:
+            raise ValueError(f"unknown split_row_order {split_row_order!r}; choose one of {list(ROW_ORDERS)}")
         if source == "cache" and not cache_dir:
             raise ValueError("source='cache' needs cache_dir (the folder of the uint8 cache)")
         if source == "png" and not root:
@@ -188,7 +199,12 @@ class NIHDataModule(L.LightningDataModule):
         hp = self.hparams
         table, make = self._cache_source() if hp.source == "cache" else self._png_source()
         assignment = build_split(
-            table, hp.split, seed=hp.split_seed, val_fraction=hp.val_fraction, test_fraction=hp.test_fraction
+            table,
+            hp.split,
+            seed=hp.split_seed,
+            val_fraction=hp.val_fraction,
+            test_fraction=hp.test_fraction,
+            row_order=hp.split_row_order,
         )
         labels = table[list(LABELS)].to_numpy(dtype=np.float32)
         for part in PARTS:
@@ -292,6 +308,7 @@ class NIHDataModule(L.LightningDataModule):
         hp = self.hparams
         return {
             "split": hp.split,
+            "split_row_order": hp.split_row_order,
             "source": hp.source,
             "image_size": hp.image_size,
             "input_size": hp.input_size,

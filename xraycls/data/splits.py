@@ -6,7 +6,9 @@
 - `seed_random`: the guide's image-level 95/5 split, which leaks patients between its parts. It had one
   held-out set, used both to validate and to report, so here "test" means the validation rows.
 
-Every split but `seed_random` is proved patient-disjoint when it is built.
+Every split but `seed_random` is proved patient-disjoint when it is built. Only `seed_random` depends on
+the table's row order (`row_order`: `label_file` as read, or `file_name`: sorted by image name, the order
+Hugging Face's `imagefolder` gave the guide); the patient-wise splits shuffle sorted patient ids.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from xraycls.findings import LABELS
 
 __all__ = [
     "PARTS",
+    "ROW_ORDERS",
     "SPLIT_NAMES",
     "TEST_LIST",
     "TRAIN_VAL_LIST",
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = ("official", "patient_random", "seed_random")
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
 PARTS = ("train", "val", "test")
+ROW_ORDERS = ("label_file", "file_name")  # the row order `seed_random` permutes
 _DEFAULT_FRACTIONS = {  # (val_fraction, test_fraction); None: the split has no such setting
     "official": (0.1, None),
     "patient_random": (0.1, 0.2),
@@ -193,14 +197,19 @@ def build_split(
     seed: int,
     val_fraction: float | None = None,
     test_fraction: float | None = None,
+    row_order: str = "label_file",
 ) -> SplitAssignment:
     """Assign every row of `table` (columns `image`, `patient_id`; `split_official` for "official").
 
     Fractions count patients for the patient-wise splits and images for `seed_random`; held-out sizes are
     ceil(fraction * count). `seed` feeds a local `np.random.default_rng`: same seed, same assignment.
+    `row_order` (one of `ROW_ORDERS`) is the order `seed_random` permutes; the result stays row-aligned
+    with `table` either way.
     """
     if name not in SPLIT_NAMES:
         raise ValueError(f"unknown split name {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
+    if row_order not in ROW_ORDERS:
+        raise ValueError(f"unknown row order {row_order!r}; expected one of {', '.join(ROW_ORDERS)}")
     default_val, default_test = _DEFAULT_FRACTIONS[name]
     if test_fraction is not None and default_test is None:
         raise ValueError(
@@ -224,7 +233,7 @@ def build_split(
 
     rng = np.random.default_rng(seed)
     if name == "seed_random":
-        return _seed_random(table, rng, val_fraction)
+        return _seed_random(table, rng, val_fraction, row_order)
     patients = table["patient_id"].to_numpy()
     part = np.full(len(table), "train", dtype=object)
     if name == "official":
@@ -247,20 +256,34 @@ def build_split(
     return assignment
 
 
-def _seed_random(table: pd.DataFrame, rng: np.random.Generator, val_fraction: float) -> SplitAssignment:
-    """The guide's split, as Hugging Face `Dataset.train_test_split(test_size=val_fraction, seed=seed)`.
+def _seed_random(
+    table: pd.DataFrame, rng: np.random.Generator, val_fraction: float, row_order: str
+) -> SplitAssignment:
+    """The guide's split by Hugging Face's method: `Dataset.train_test_split(test_size=val_fraction)`.
 
-    datasets' `arrow_dataset.py` takes n_test = ceil(test_size * n), n_train = n - n_test, the permutation
-    `np.random.default_rng(seed).permutation(n)`, test = its first n_test indices and train the rest. The
-    guide's row order is unknown, so this reproduces its method and sizes, not necessarily its membership:
-    the same rows are held out only if the table is in the guide's order.
+    datasets' `arrow_dataset.py` takes n_test = ceil(test_size * n), n_train = n - n_test, a permutation
+    `generator.permutation(n)`, test = its first n_test indices and train the rest. Here the generator is
+    `default_rng(split_seed)`. The guide passed no seed: datasets then seeded it from numpy's global state
+    at that moment, unseeded in the guide (`set_seed(1337)` ran later, inside the trainer), so its held-out
+    images cannot be recovered. What can match does: the method, the sizes and, with `row_order`
+    "file_name", the row order (the guide's rows came from `imagefolder`, sorted by file name).
     """
     n = len(table)
     n_val = math.ceil(val_fraction * n)
     if n - n_val < 1:
         raise ValueError(f"val_fraction {val_fraction!r} of {n} images leaves no training image")
+    held_out = rng.permutation(n)[:n_val]  # positions in the permuted order
+    if row_order == "file_name":
+        # Position i is the i-th image name in sorted order; map it back to its table row.
+        held_out = np.argsort(table["image"].to_numpy(dtype=str), kind="stable")[held_out]
     part = np.full(n, "train", dtype=object)
-    part[rng.permutation(n)[:n_val]] = "val"
+    part[held_out] = "val"
     leaked = _patients_in_several_parts(table, part)["patient"].nunique()
-    log.info("split seed_random: %d train, %d val images; %d patients in both", n - n_val, n_val, leaked)
+    log.info(
+        "split seed_random (%s order): %d train, %d val images; %d patients in both",
+        row_order,
+        n - n_val,
+        n_val,
+        leaked,
+    )
     return SplitAssignment(name="seed_random", part=part, leaked_patients=leaked, test_is_val=True)
