@@ -224,7 +224,7 @@ def make_wandb_logger(
 
     `group` None: the sweep in a Hydra multirun (`sweep_group(runs_dir)`), else none. `context_tags`
     {key: value} adds `key:value` tags before `tags`. The run id is `stored_run_id(save_dir)` unless `id`
-    is given.
+    is given. A W&B run still open in this process (a failed earlier job of a sweep) is finished first.
     """
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode must be one of {list(WANDB_MODES)}, got {mode!r}")
