@@ -241,7 +241,8 @@ def summarise(run: TrainingRun, evaluation: Evaluation) -> dict[str, Any]:
 
 
 def export(run: TrainingRun, model: XrayClassifier, evaluation: Evaluation, summary: dict) -> None:
-    """On rank 0: model/ and plots/ (as configured), then summary.json, then the loggers' run summary."""
+    """On rank 0: model/ and plots/ (as configured), then summary.json (with the loggers' `summary_entries`),
+    then the loggers' run summary with the test outputs."""
     if not run.trainer.is_global_zero:
         return
     if run.cfg.get("export_model"):
@@ -249,7 +250,10 @@ def export(run: TrainingRun, model: XrayClassifier, evaluation: Evaluation, summ
     if run.cfg.get("plots"):
         summary["plots"] = write_plots(run.run_dir, evaluation.test_outputs, run.datamodule)
     summary["timing"]["total"] = time.perf_counter() - run.started
+    for logger in run.trainer.loggers:  # e.g. wandb_run_id: a sweep's record links each trial to its run
+        if hasattr(logger, "summary_entries"):
+            summary.update(logger.summary_entries())
     write_json(run.run_dir / SUMMARY_NAME, summary)
     for logger in run.trainer.loggers:
         if hasattr(logger, "log_run_summary"):
-            logger.log_run_summary(summary)
+            logger.log_run_summary(summary, test_outputs=evaluation.test_outputs)
