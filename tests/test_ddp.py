@@ -17,7 +17,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from _project import PROJECT_ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -102,10 +101,10 @@ def _single_process_metrics(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")  # restores the count: later tests must not inherit 1 thread
 def test_ddp_auroc_equals_the_single_process_auroc(
     ddp_run: tuple[Path, Path, dict], cpu_trainer: Callable[..., L.Trainer]
 ) -> None:
-    torch.set_num_threads(1)
     data, run_dir, summary = ddp_run
     hardware = summary["hardware"]
     assert (hardware["replicas"], hardware["strategy"], hardware["devices"]) == (2, "ddp", 2)

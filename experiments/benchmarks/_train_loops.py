@@ -235,8 +235,12 @@ class LightningPath:
         self.last_span: tuple[float, float] | None = None
 
     def _callbacks(self, warmup: int) -> list[L.Callback]:
-        """The config's callbacks but the checkpoint; the progress bar only where the trainer enables it."""
-        skip = {"model_checkpoint", *(() if self.cfg.trainer.enable_progress_bar else ("progress_bar",))}
+        """The config's callbacks but the checkpoints; the progress bar only where the trainer enables it."""
+        skip = {
+            "model_checkpoint",
+            "last_checkpoint",
+            *(() if self.cfg.trainer.enable_progress_bar else ("progress_bar",)),
+        }
         return [
             instantiate(node, **({"warmup_batches": warmup} if name == "run_timer" else {}))
             for name, node in (self.cfg.get("callbacks") or {}).items()

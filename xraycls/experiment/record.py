@@ -67,6 +67,7 @@ IDENTITY_KEYS = (
     "data.root",
     "data.split",
     "data.split_seed",
+    "data.split_row_order",
     "data.val_fraction",
     "data.test_fraction",
     "trainer.max_epochs",
