@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from _project import PROJECT_ROOT
 
 from xraycls.cli import main
-from xraycls.findings import LABELS
+from xraycls.findings import LABELS, NUM_LABELS
+from xraycls.hardware.ipu import IPUUnavailableError
+from xraycls.hardware.plan import PlanError
+from xraycls.model.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +81,188 @@ def test_console_script_runs_as_a_module() -> None:
     assert result.returncode == 0
     for command in ("download", "synth", "prepare", "inspect"):
         assert command in result.stdout
+
+
+# ------------------------------------------------------------------------------ errors and exit status
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (PlanError("hardware.devices=3: not a pod size"), 2),
+        (CheckpointError("last.ckpt: holds pickled code"), 2),
+        (IPUUnavailableError("hardware=vpod4 needs PopTorch"), 2),
+        (FileNotFoundError("label file x.csv: no such file"), 2),
+        (PermissionError(13, "Permission denied", "/data/out/p.csv"), 1),
+        (OSError(28, "No space left on device", "/data/cache/images_u8_256.npy"), 1),
+    ],
+)
+def test_errors_are_one_line_with_the_documented_exit_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception, code: int
+) -> None:
+    import xraycls.data.synthetic
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(xraycls.data.synthetic, "make_synthetic_nih", fail)
+    monkeypatch.delenv("XRAYCLS_DEBUG", raising=False)
+    assert main(["synth", "--out", "unused", "--n", "1"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("xraycls synth: error: ")
+    if isinstance(error, PermissionError):  # the system's OSError as 'path: reason', not "[Errno 13] ..."
+        assert err == "xraycls synth: error: /data/out/p.csv: Permission denied\n"
+    monkeypatch.setenv("XRAYCLS_DEBUG", "1")  # the traceback instead
+    with pytest.raises(type(error)):
+        main(["synth", "--out", "unused", "--n", "1"])
+
+
+# -------------------------------------------------------------------- output locations before any work
+@pytest.fixture(scope="module")
+def tiny_bundle(
+    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: str, tiny_backbone_kwargs: dict
+) -> tuple[Path, Path]:
+    """(model bundle, one PNG it can predict): a random tiny ViT, nothing trained."""
+    import cv2
+    import numpy as np
+
+    from xraycls.inference.bundle import export_bundle, make_preprocessing
+    from xraycls.model.backbone import create_backbone
+
+    base = tmp_path_factory.mktemp("bundle")
+    kwargs = {"num_classes": NUM_LABELS, **tiny_backbone_kwargs}
+    size = int(kwargs["img_size"])
+    model = create_backbone(tiny_backbone, weights="none", **kwargs)
+    bundle = export_bundle(
+        model,
+        base / "model",
+        backbone_name=tiny_backbone,
+        backbone_kwargs=kwargs,
+        preprocessing=make_preprocessing(size, size),
+    )
+    image = base / "x.png"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8))
+    return bundle, image
+
+
+def _output_cases(model: Path, image: Path, blocked: Path) -> list[tuple[list[str], str, Path]]:
+    """(argv, setting named in the error, the path that must not appear): every command's outputs, each
+    pointed inside `blocked`, a regular file, so its folder can never be made."""
+    predict = ["predict", "--model", str(model), str(image)]  # no --quiet: a progress bar would show
+    return [
+        ([*predict, "--out", str(blocked / "p.csv")], "--out", blocked / "p.csv"),
+        ([*predict, "--grid", str(blocked / "g.png")], "--grid", blocked / "g.png"),
+        ([*predict, "--heatmaps", str(blocked / "h")], "--heatmaps", blocked / "h"),
+        (["export", "--model", str(model), "--onnx", str(blocked / "m.onnx")], "--onnx", blocked / "m.onnx"),
+        (["export", "--model", str(model), "--hf", str(blocked / "hf")], "--hf", blocked / "hf"),
+        (["import-hf", "--from", str(model), "--out", str(blocked / "m")], "--out", blocked / "m"),
+        (["synth", "--out", str(blocked / "raw"), "--n", "4"], "--out", blocked / "raw"),
+        (["download", "--root", str(blocked / "nih"), "--quiet"], "--root", blocked / "nih"),
+        (["cost", "--runs", str(model), "--out", str(blocked / "c")], "--out", blocked / "c"),
+        (["sweep-report", str(model), "--out", str(blocked / "r")], "--out", blocked / "r"),
+    ]
+
+
+def test_every_output_location_is_checked_before_any_work(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Tests run as root, and root writes through any mode bits (os.access says yes to everything): a folder
+    # that cannot be written is made here as a path under a regular file, which no user can create. (The
+    # permission branch itself: test_a_folder_without_write_permission_is_refused.)
+    model, image = tiny_bundle
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file")
+    for argv, setting, target in _output_cases(model, image, blocked):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err  # no progress bar, no traceback, no second message
+        assert err.startswith(f"xraycls {argv[0]}: error: {setting} {target}: cannot be created: "), err
+        assert f"{blocked} is a file, not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
+
+
+def test_prepare_into_an_impossible_cache_folder_says_so(
+    demo_tree: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw, _cache = demo_tree
+    (tmp_path / "f").write_text("a file")
+    argv = ["prepare", "--root", str(raw), "--cache", str(tmp_path / "f" / "c"), "--size", "16", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cache folder {tmp_path / 'f' / 'c'}: cannot be created" in err
+
+
+def test_a_folder_where_a_file_is_expected_is_refused(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, image = tiny_bundle
+    predict = ["predict", "--model", str(model), str(image)]
+    for setting, name, argv in (
+        ("--out", "p.csv", predict),
+        ("--grid", "g.png", predict),
+        ("--onnx", "m.onnx", ["export", "--model", str(model)]),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        assert main([*argv, setting, str(folder)]) == 2
+        expected = f"xraycls {argv[0]}: error: {setting} {folder}: is a folder; give a file name\n"
+        assert capsys.readouterr().err == expected
+        assert not any(folder.iterdir())
+
+
+def _xraycls(
+    *argv: str, env: dict[str, str] | None = None, cwd: Path | None = None, code: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real entry point (`python -m xraycls`, or `python -c code`), this checkout's package first."""
+    path = os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])
+    environment = {k: v for k, v in os.environ.items() if k != "XRAYCLS_DEBUG"}
+    environment.update(PYTHONPATH=path, **(env or {}))
+    entry = ["-m", "xraycls"] if code is None else ["-c", code]
+    return subprocess.run(
+        [sys.executable, *entry, *argv], capture_output=True, text=True, check=False, env=environment, cwd=cwd
+    )
+
+
+def test_predict_into_an_impossible_out_predicts_nothing(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The issue's case: `--out` that cannot be written used to predict every image and then fail with two
+    chained tracebacks; now one line before the model is even loaded, and XRAYCLS_DEBUG=1 shows where."""
+    model, image = tiny_bundle
+    (tmp_path / "ro").write_text("a file")
+    argv = ["predict", "--model", str(model), str(image), "--out", str(tmp_path / "ro" / "p.csv")]
+    result = _xraycls(*argv)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith("xraycls predict: error: --out ")
+    assert "Traceback" not in result.stderr and "predicted" not in result.stderr and "%|" not in result.stderr
+    debug = _xraycls(*argv, env={"XRAYCLS_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "check_output_file" in debug.stderr
+
+
+_AS_NOBODY = """\
+import locale, os, sys  # locale: argparse imports it lazily, from files `nobody` may not read
+import xraycls.cli, xraycls.data.synthetic  # likewise imported while still root
+os.setgid(65534); os.setuid(65534)
+sys.exit(xraycls.cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_folder_without_write_permission_is_refused(tmp_path: Path) -> None:
+    """The os.access / probe branch for real: root writes through mode bits, so as root the child switches
+    to `nobody` once imported, then runs the command against a 0555 folder."""
+    base = Path(tempfile.mkdtemp(prefix="xraycls-ro-"))  # not under tmp_path (0700): `nobody` must reach it
+    try:
+        base.chmod(0o755)
+        locked = base / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        argv = ["synth", "--out", str(locked / "raw"), "--n", "2"]
+        if os.geteuid() == 0:
+            result = _xraycls(*argv, cwd=base, code=_AS_NOBODY)
+        else:
+            result = _xraycls(*argv, cwd=base)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [
+            f"xraycls synth: error: --out {locked / 'raw'}: cannot write in {locked} (permission denied)"
+        ]
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(base)

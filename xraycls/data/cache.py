@@ -95,7 +95,9 @@ def _scan_inputs(root: Path, label_file: Path | None = None) -> _Inputs:
         try:
             label_file = find_label_file(root)
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"{error}; a renamed one: xraycls prepare --labels FILE") from None
+            raise FileNotFoundError(
+                f"{error}; for a file of another name: xraycls prepare --labels FILE"
+            ) from None
     elif not label_file.is_file():
         raise FileNotFoundError(f"label file {label_file}: no such file")
     table = attach_official_split(read_label_file(label_file), root)
@@ -288,7 +290,7 @@ def _decode(
         log.info("resuming: %d of %d chunks already decoded in %s", len(jobs) - len(todo), len(jobs), partial)
     pool_size = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
     decoded = sum(len(job[1]) for job in todo)
-    _check_disk(partial, (decoded + len(names)) * size * size)
+    _check_disk(partial.parent, (decoded + len(names)) * size * size)
     desc = f"prepare {size}px"
     with tqdm(
         total=len(names), initial=len(names) - decoded, unit="img", desc=desc, disable=not progress
