@@ -181,7 +181,12 @@ def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[Publish
             ],
             flavors,
         )
-    out += ["", "## How these numbers are made", "", *_METHOD.format(k=f"{k:g}x").splitlines()]
+    out += [
+        "",
+        "## How these numbers are made",
+        "",
+        *_METHOD.format(k=f"{k:g}x", cv=f"{NOISY_CV:.0%}").splitlines(),
+    ]
     for group in groups:
         out += [f"- {group.label}: {note}" for note in group.notes]
         out += [f"- {run.run_dir}: {note}" for run in group.runs for note in run.notes]
@@ -198,7 +203,9 @@ _METHOD = """\
   checkpoints, export, plots). At {k}: preparation and per-image work x k, fixed kept; naive = the whole
   1x total x k (the guide's method); difference = naive - ours.
 - money = seconds / 3600 x the flavor's price per hour for the whole machine; ± is the sample standard
-  deviation over the repeats (on a shared machine it mostly measures the other load)."""
+  deviation over the repeats (on a shared machine it mostly measures the other load); training CV = that
+  std / the mean of the training seconds, and above {cv} the report warns that the means are not
+  comparable."""
 
 _RUN_COLUMNS = (("preparation", "preparation"), ("training", "training"), ("fixed", "fixed"),
                 ("per-image", "per_image"))  # fmt: skip
@@ -284,7 +291,7 @@ def write_cost_report(
     if not groups:
         raise ValueError("no runs to report: give at least one run directory")
     if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0 (k x the data), got {scale!r}")
+        raise ValueError(f"scale must be a number > 0 and finite (k x the data), got {scale!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "cost_report.md"

@@ -331,7 +331,7 @@ def _warn_unfitting_flavor(group: CostGroup) -> None:
         match = f", device name containing {group.flavor.device_match!r}" if group.flavor.device_match else ""
         group.warnings.append(
             f"{group.label}: the runs' recorded hardware ({recorded}{devices}) does not fit the flavor's "
-            f"plan ({group.flavor.plan}{match}); its prices are for another machine than the one timed"
+            f"plan ({group.flavor.plan}{match}); its prices are for another machine than the one timed."
         )
 
 
