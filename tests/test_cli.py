@@ -311,3 +311,82 @@ def test_prepare_reads_a_renamed_label_file_with_labels(
     assert report["ok"] == 120 and report["label_file"] == "my_labels.csv"
     assert main([*argv, "--labels", str(raw / "nope.csv")]) == 2
     assert f"label file {raw / 'nope.csv'}: no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- import-hf, export --hf, sweeps
+def test_import_hf_then_export_hf_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny transformers ViTForImageClassification (as tests/test_hf_vit.py builds it, alphabetical labels
+    like the guide's) becomes a bundle with `import-hf`, and goes back with `export --hf`."""
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    from xraycls.inference.bundle import load_bundle
+
+    names = sorted(LABELS)
+    config = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        problem_type="multi_label_classification",
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).eval().save_pretrained(tmp_path / "guide")
+    bundle = tmp_path / "run" / "model"
+    assert main(["import-hf", "--from", str(tmp_path / "guide"), "--out", str(bundle)]) == 0
+    assert f"as the model bundle {bundle}" in capsys.readouterr().out
+    loaded = load_bundle(bundle)
+    assert loaded.labels == list(LABELS) and loaded.preprocessing["input_size"] == 32
+
+    assert main(["export", "--model", str(bundle), "--hf", str(tmp_path / "hf")]) == 0
+    assert f"wrote {tmp_path / 'hf'}: a transformers ViTForImageClassification" in capsys.readouterr().out
+    back = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert [back.config.id2label[i] for i in range(len(LABELS))] == list(LABELS)
+    images = list(np.random.default_rng(0).integers(0, 256, (2, 32, 32), dtype=np.uint8))
+    import torch
+
+    with torch.no_grad():
+        x = loaded.preprocess(images)
+        torch.testing.assert_close(back(pixel_values=x).logits, loaded.model(x), rtol=0, atol=1e-5)
+
+    # ONNX-only settings with --hf, and both targets at once, are refused before any work.
+    capsys.readouterr()  # transformers' own loading bar, from from_pretrained above
+    assert main(["export", "--model", str(bundle), "--hf", str(tmp_path / "hf2"), "--opset", "17"]) == 2
+    assert (
+        capsys.readouterr().err == "xraycls export: error: --opset: settings of --onnx; --hf takes neither\n"
+    )
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--model", str(bundle), "--hf", str(tmp_path / "hf2"), "--onnx", "m.onnx"])
+    assert stop.value.code == 2
+    assert "xraycls export: error: argument --onnx: not allowed with argument --hf" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(bundle)])
+    assert "one of the arguments --onnx --hf is required" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_sweep_report_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_sweep_report import _grid_sweep  # the fixed trial files of the sweep report's own tests
+
+    sweep = tmp_path / "sweep"
+    _grid_sweep(sweep)
+    assert main(["sweep-report", str(sweep)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"wrote {sweep / 'report' / 'sweep_report.md'}" in printed
+    assert {f"wrote {sweep / 'report' / name}" for name in ("trials.csv", "configurations.csv")} <= set(
+        printed
+    )
+    assert all(Path(line.removeprefix("wrote ")).is_file() for line in printed)
+    assert "optim.lr=2e-3" in (sweep / "report" / "sweep_report.md").read_text()
+
+    # An unfinished trial: one line and exit 2 (the record is input); --allow-unfinished reports without it.
+    (sweep / "trial_9" / ".hydra").mkdir(parents=True)
+    (sweep / "trial_9" / ".hydra" / "overrides.yaml").write_text("- optim.lr=5e-3\n- seed=1\n")
+    assert main(["sweep-report", str(sweep), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("xraycls sweep-report: error: ") and "unfinished" in err
+    assert main(["sweep-report", str(sweep), "--out", str(tmp_path / "r"), "--allow-unfinished"]) == 0
+    assert "## Unfinished trials (left out)" in (tmp_path / "r" / "sweep_report.md").read_text()
+    assert main(["sweep-report", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {tmp_path / 'nowhere'}: no such sweep folder\n")
+    (tmp_path / "empty").mkdir()
+    assert main(["sweep-report", str(tmp_path / "empty")]) == 2
+    assert f"error: {tmp_path / 'empty'}: no trials (no trials.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "empty" / "report").exists()
