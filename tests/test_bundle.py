@@ -4,6 +4,8 @@ preprocessing is the training pipeline's own; broken bundles fail with one clear
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,6 +104,19 @@ def test_bundle_holds_weights_and_config_only(bundle_dir: Path, kwargs: dict, ti
     }
     assert config["extra"] == {"thr": [0.5]}
     assert config["xraycls_version"]
+
+
+def test_every_file_of_the_bundle_gets_the_umasks_mode(
+    build_backbone: Callable[..., torch.nn.Module], export_tiny: Callable[..., Path], tmp_path: Path
+) -> None:
+    """safetensors makes its file 0600 whatever the umask; the bundle's weights get config.json's mode."""
+    old = os.umask(0o027)  # a group-readable umask, so 0600 and the umask's 0640 differ in the group bit
+    try:
+        bundle = export_tiny(build_backbone(), tmp_path / "model")
+    finally:
+        os.umask(old)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in bundle.iterdir()}
+    assert modes == {BUNDLE_CONFIG: 0o640, BUNDLE_WEIGHTS: 0o640}
 
 
 def test_reloaded_model_gives_identical_logits(

@@ -452,3 +452,69 @@ def test_the_committed_worked_example_matches_the_code(tmp_path: Path) -> None:
                        ("total_cost", group.stat("total", money=True))):  # fmt: skip
         assert float(committed[f"{name}_mean"]) == pytest.approx(stat.mean), name
         assert float(committed[f"{name}_std"]) == pytest.approx(stat.std), name
+
+
+# ------------------------------------------------------------------ refusals, warnings and variation
+def test_a_summary_without_hardware_and_a_non_finite_scale_are_refused(
+    tmp_path: Path, three_repeats: list[Path], capsys: pytest.CaptureFixture
+) -> None:
+    bare = write_run(tmp_path / "bare", hardware=None)
+    with pytest.raises(ValueError, match=r"bare/summary.json: hardware \(the resolved plan.*\) is missing"):
+        load_run(bare)
+    runs = ["cost", "--runs", *map(str, three_repeats), "--out", str(tmp_path / "o")]
+    for scale in ("inf", "nan", "-1"):
+        assert main([*runs, "--scale", scale]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "scale must be a number > 0 and finite" in err
+    assert not (tmp_path / "o" / "cost_report.md").exists()
+
+
+def test_a_flavor_that_does_not_fit_the_recorded_hardware_is_warned_in_the_report(
+    tmp_path: Path, three_repeats: list[Path]
+) -> None:
+    """`--flavor gpu_1xh200=*` on CPU runs prices CPU seconds at the GPU rate: the report says so at the top;
+    a fitting flavor gets no warning."""
+    flavors = tmp_path / "flavors"
+    write_flavor(flavors, "gpu_1xh200", hardware="gpu", plan="{accelerator: gpu, devices: 1}", price=5.0)
+    write_flavor(flavors, "cpu_vm")
+    runs = [load_run(path) for path in three_repeats]
+    for name, fits in (("gpu_1xh200", False), ("cpu_vm", True)):
+        (group,) = group_runs(runs, load_flavors(flavors), {name: "*"})
+        markdown = write_cost_report([group], tmp_path / name)["markdown"].read_text()
+        assert ("**FLAVOR DOES NOT FIT THE RUNS**" in markdown) is not fits, name
+        with open(tmp_path / name / "cost_groups.csv") as handle:
+            (row,) = list(csv.DictReader(handle))
+        assert (row["warnings"] == "") is fits
+    assert group.warnings == []
+    (group,) = group_runs(runs, load_flavors(flavors), {"gpu_1xh200": "*"})
+    (warning,) = group.warnings
+    assert (
+        "'accelerator': 'cpu', 'devices': 1" in warning and "{'accelerator': 'gpu', 'devices': 1}" in warning
+    )
+
+
+def test_each_group_reports_its_coefficient_of_variation_and_warns_above_20_percent(
+    tmp_path: Path, three_repeats: list[Path]
+) -> None:
+    quiet = group_runs([load_run(path) for path in three_repeats], {})  # 100, 110, 90 s: CV 10%
+    noisy_runs = [
+        write_run(tmp_path / "noisy" / f"r{i}", timing={"total": t}) for i, t in enumerate((60, 100, 140))
+    ]
+    noisy = group_runs([load_run(path) for path in noisy_runs], {})  # sample std 40 over mean 100: CV 40%
+    assert quiet[0].training_cv == pytest.approx(0.10) and noisy[0].training_cv == pytest.approx(0.40)
+    for name, groups, cv, warned in (("quiet", quiet, "10.0%", False), ("noisy", noisy, "40.0%", True)):
+        markdown = write_cost_report(groups, tmp_path / name)["markdown"].read_text()
+        assert "| training CV |" in markdown
+        (row,) = [line for line in markdown.splitlines() if line.startswith("| cpu: cpu x1 | 3 |")]
+        assert row.endswith(f" | {cv} |")
+        assert ("**NOISY TIMINGS**" in markdown) is warned, name
+        if warned:
+            assert (
+                "vary by 40.0%" in markdown
+                and "the machine was not quiet; these means are not comparable" in markdown
+            )
+        with open(tmp_path / name / "cost_groups.csv") as handle:
+            (csv_row,) = list(csv.DictReader(handle))
+        assert float(csv_row["training_cv"]) == pytest.approx(float(cv[:-1]) / 100)
+    (single,) = group_runs([load_run(three_repeats[0])], {})
+    assert single.training_cv is None

@@ -1,15 +1,29 @@
-"""`xraycls` command line: download | synth | prepare | inspect | plan | cost | predict | export.
+"""The `xraycls` command line: get and prepare data, plan and cost runs, predict, export, import, report.
 
 Each command is a thin shell over one library function:
 
-    download   fetch NIH ChestX-ray14 (labels, split lists, image archives), resumable
-    synth      make a synthetic dataset in the NIH layout, with a learnable planted signal
-    prepare    decode and resize the PNGs once into a uint8 memmap cache
-    inspect    one pass of the DataModule over a cache, and a data summary
-    plan       the resolved hardware plan of a training config
-    cost       time and money per flavor from run directories, and at k x the data
-    predict    probabilities and flagged findings for X-ray files
-    export     a model bundle as ONNX, checked against PyTorch
+    download      fetch NIH ChestX-ray14 (labels, split lists, image archives), resumable
+    synth         make a synthetic dataset in the NIH layout, with a learnable planted signal
+    prepare       decode and resize the PNGs once into a uint8 memmap cache
+    inspect       one pass of the DataModule over a cache, and a data summary
+    plan          the resolved hardware plan of a training config
+    cost          time and money per flavor from run directories, and at k x the data
+    predict       probabilities and flagged findings for X-ray files
+    export        a model bundle as ONNX (checked against PyTorch) or as a transformers ViT folder
+    import-hf     a transformers ViTForImageClassification folder as a model bundle
+    sweep-report  ranking, charts and importances of a finished sweep folder
+
+Every output location (file or folder) is checked before the work starts: writable, or creatable, and a
+file name where a file is written (`xraycls.files.check_output_file` / `check_output_dir`).
+
+Errors and exit status: the project's own configuration and input errors (ValueError and its kinds:
+PlanError, CheckpointError, LabelFileError, ...; FileNotFoundError; RuntimeError and its kinds:
+IPUUnavailableError, OnnxMismatchError, ...) end in one line on stderr, ``xraycls <command>: error:
+<message>``, and exit status 2, as argparse's own usage errors do. Any other OSError (the file system
+failing during the work: a full disk, a permission changed under a running job) ends in one line naming the
+path and the reason, and exit status 1: the settings were fine, the work failed. A command may also exit 1
+for its own partial failures (`download`: files missing; `predict`: images that could not be read). Ctrl-C
+exits 130 (rerun to resume). ``XRAYCLS_DEBUG=1`` in the environment (or ``-v``) shows the traceback instead.
 
 Heavy imports (torch, Lightning) happen inside the handler so that `xraycls download --help` stays instant.
 """
@@ -19,9 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from xraycls.files import check_output_dir, check_output_file
 
 __all__ = ["main", "build_parser"]
 
@@ -45,10 +62,12 @@ def _download(args: argparse.Namespace) -> int:
     """Fetch NIH ChestX-ray14 into --root (md5-checked, resumable); exit 1 if anything is missing."""
     from xraycls.data.download import download_nih, parse_archive_selection
 
+    # None = every archive the sources list, so a mirror TSV with fewer archives still works.
+    archives = None if args.archives == "all" else parse_archive_selection(args.archives)
+    check_output_dir(args.root, "--root")
     report = download_nih(
         Path(args.root),
-        # None = every archive the sources list, so a mirror TSV with fewer archives still works.
-        None if args.archives == "all" else parse_archive_selection(args.archives),
+        archives,
         workers=args.workers,
         keep_archives=args.keep_archives,
         sources=Path(args.sources) if args.sources else None,
@@ -63,6 +82,7 @@ def _synth(args: argparse.Namespace) -> int:
     """Make a synthetic dataset in the NIH layout with a planted signal; print its summary (JSON)."""
     from xraycls.data.synthetic import make_synthetic_nih
 
+    check_output_dir(args.out, "--out")
     summary = make_synthetic_nih(
         Path(args.out), args.n, size=args.size, seed=args.seed, min_prevalence=args.min_prevalence
     )
@@ -72,18 +92,26 @@ def _synth(args: argparse.Namespace) -> int:
 
 @_command("prepare")
 def _prepare(args: argparse.Namespace) -> int:
-    """Decode and resize the PNGs once into the uint8 memmap cache; list the corrupt images."""
+    """Decode and resize the PNGs once into the uint8 memmap cache (or find it complete and reuse it); list
+    the corrupt images. The cache folder is checked (writable) only when there is work to do."""
     from xraycls.data.cache import prepare_cache
 
     report = prepare_cache(
-        Path(args.root), Path(args.cache), size=args.size, workers=args.workers, progress=not args.quiet
+        Path(args.root),
+        Path(args.cache),
+        size=args.size,
+        workers=args.workers,
+        progress=not args.quiet,
+        label_file=Path(args.labels) if args.labels else None,
     )
     corrupt = report["corrupt"]
-    print(
-        f"prepared {report['ok']} images at {report['size']} px into {args.cache} "
-        f"({report['images_per_s']:.0f} images/s); corrupt: {len(corrupt)}; "
-        f"missing: {report['missing']['count']}"
-    )
+    if report.get("reused"):
+        done = f"reused the complete {report['size']} px cache in {args.cache} ({report['ok']} images, "
+        done += "made from these same inputs; nothing decoded)"
+    else:
+        done = f"prepared {report['ok']} images at {report['size']} px into {args.cache} "
+        done += f"({report['images_per_s']:.0f} images/s)"
+    print(f"{done}; corrupt: {len(corrupt)}; missing: {report['missing']['count']}")
     for item in corrupt:
         print(f"  corrupt: {item['image']}: {item['reason']}")
     return 0
@@ -119,6 +147,7 @@ def _cost(args: argparse.Namespace) -> int:
         write_cost_report,
     )
 
+    check_output_dir(args.out, "--out")
     flavor_dir = Path(args.flavors) if args.flavors else _FLAVOR_DIR
     # An explicit --flavors must exist; without the project's flavors (an installed package), time only.
     flavors = load_flavors(flavor_dir) if args.flavors or flavor_dir.is_dir() else {}
@@ -202,13 +231,54 @@ def _predict(args: argparse.Namespace) -> int:
 
 @_command("export")
 def _export(args: argparse.Namespace) -> int:
-    """Write a model bundle as ONNX, checked against PyTorch with ONNX Runtime; print the report (JSON)."""
+    """Write a model bundle as ONNX, checked against PyTorch with ONNX Runtime, and print the report (JSON);
+    or, with --hf, as a transformers ViTForImageClassification folder, checked against the bundle."""
+    if args.hf is not None:
+        given = {"--opset": args.opset, "--check-inputs": args.check_inputs}
+        onnx_only = [name for name, value in given.items() if value is not None]
+        if onnx_only:
+            raise ValueError(f"{' and '.join(onnx_only)}: settings of --onnx; --hf takes neither")
+        from xraycls.inference.hf_bundle import export_hf
+
+        check_output_dir(args.hf, "--hf")
+        written = export_hf(Path(args.model), Path(args.hf))
+        print(f"wrote {written}: a transformers ViTForImageClassification folder (its logits checked)")
+        return 0
     from xraycls.inference.bundle import load_bundle
     from xraycls.inference.onnx_export import export_onnx
 
+    check_output_file(args.onnx, "--onnx")
     bundle = load_bundle(Path(args.model))
-    report = export_onnx(bundle, Path(args.onnx), opset=args.opset, check_inputs=args.check_inputs)
+    check_inputs = 4 if args.check_inputs is None else args.check_inputs
+    report = export_onnx(bundle, Path(args.onnx), opset=args.opset, check_inputs=check_inputs)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+@_command("import-hf")
+def _import_hf(args: argparse.Namespace) -> int:
+    """Write a transformers ViTForImageClassification folder (the guide's model) as a model bundle."""
+    from xraycls.inference.hf_bundle import import_hf
+
+    check_output_dir(args.out, "--out")
+    written = import_hf(Path(args.source), Path(args.out))
+    print(
+        f"imported {args.source} as the model bundle {written}; use it with xraycls predict --model {written}"
+    )
+    return 0
+
+
+@_command("sweep-report")
+def _sweep_report(args: argparse.Namespace) -> int:
+    """Write the report of a sweep folder (ranking, configurations, charts, importances); print its files."""
+    from xraycls.experiment.report import write_sweep_report
+
+    sweep_dir = Path(args.sweep_dir)
+    out = Path(args.out) if args.out else sweep_dir / "report"
+    check_output_dir(out, "--out")
+    written = write_sweep_report(sweep_dir, out, allow_unfinished=args.allow_unfinished)
+    for path in written.values():
+        print(f"wrote {path}")
     return 0
 
 
@@ -236,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="decode and resize the PNGs once into a uint8 memmap cache")
     p.add_argument("--root", required=True, help="dataset folder with images/, a label file and split lists")
     p.add_argument("--cache", required=True, help="cache folder to write")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="the NIH label file, any variant, under any name (default: the first known name in ROOT: "
+        "Data_Entry_2017_v2020.csv, Data_Entry_2017.csv, sample_labels.csv, each also .gz)",
+    )
     p.add_argument("--size", type=int, default=256, help="cached image side in pixels")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -298,17 +374,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a model/ bundle as ONNX, checked against PyTorch with ONNX Runtime (JSON report)",
+        help="write a model/ bundle as ONNX, checked against PyTorch with ONNX Runtime (JSON report), "
+        "or as a transformers ViTForImageClassification folder",
     )
     p.add_argument("--model", required=True, help="the model/ folder of a training run")
-    p.add_argument("--onnx", required=True, help="ONNX file to write (nothing is written if the check fails)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--check-inputs", type=int, default=4, help="sample inputs compared with PyTorch")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", help="ONNX file to write (nothing is written if the check fails)")
+    target.add_argument(
+        "--hf", help="transformers folder to write (needs the hf extra; nothing is kept if the check fails)"
+    )
+    p.add_argument(
+        "--opset", type=int, default=None, help="--onnx only: ONNX opset (default: the exporter's)"
+    )
+    p.add_argument(
+        "--check-inputs", type=int, default=None, help="--onnx only: sample inputs compared with PyTorch (4)"
+    )
+
+    p = sub.add_parser(
+        "import-hf",
+        help="a transformers ViTForImageClassification folder (e.g. the guide's) as a model bundle",
+    )
+    p.add_argument(
+        "--from", dest="source", required=True, help="folder with config.json and model.safetensors (or .bin)"
+    )
+    p.add_argument("--out", required=True, help="the model/ folder to write, e.g. RUN/model")
+
+    p = sub.add_parser(
+        "sweep-report", help="ranking, configurations, charts and importances of a finished sweep folder"
+    )
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder (trials.csv / optuna.db)")
+    p.add_argument("--out", default=None, help="report folder (default: SWEEP_DIR/report)")
+    p.add_argument(
+        "--allow-unfinished", action="store_true", help="report without the unfinished trials, listing them"
+    )
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The error as one line; an OSError of the system as 'path: reason' (its own `str` is
+    "[Errno 13] Permission denied: 'path'")."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f"{os.fsdecode(error.filename)}: {error.strerror}"
+        if error.filename2 is not None:
+            text = f"{os.fsdecode(error.filename)} -> {os.fsdecode(error.filename2)}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return args.verbose or os.environ.get("XRAYCLS_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; bad input ends in one line on stderr and exit 2 (-v: the traceback)."""
+    """Run one command; errors end in one line on stderr and exit 2 (bad input) or 1 (the work failed on
+    the file system): see the module doc. XRAYCLS_DEBUG=1 or -v: the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -316,11 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Bad input ends with one line naming the problem, not a traceback (use -v for the traceback).
-        if args.verbose:
+        if _debug(args):
             raise
-        print(f"xraycls {args.command}: error: {err}", file=sys.stderr)
+        print(f"xraycls {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # after the checks: a disk filling up, a folder made read-only meanwhile
+        if _debug(args):
+            raise
+        print(f"xraycls {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"xraycls {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

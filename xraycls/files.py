@@ -10,6 +10,10 @@ JSON has no NaN or infinity (Python's `json` writes them as bare ``NaN``, which 
 a metric such as the AUROC of a label with no positives is NaN: `to_jsonable` turns every non-finite number
 into ``null``, and tensors, NumPy values, paths and dataclasses into plain Python.
 
+`check_output_file` / `check_output_dir` say, before a job starts, whether an output location can be
+written (and a folder where a file is expected is refused), so a command fails in one line before any
+work rather than after it.
+
 A leaf: imports nothing of xraycls, and neither torch, NumPy nor matplotlib at import (see `_convert`).
 """
 
@@ -29,7 +33,17 @@ from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "to_jsonable", "save_png"]
+__all__ = [
+    "atomic_path",
+    "atomic_dir",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "to_jsonable",
+    "save_png",
+    "check_output_file",
+    "check_output_dir",
+]
 
 
 def _sibling(target: Path, suffix: str) -> Path:
@@ -153,3 +167,45 @@ def _convert(obj: Any, where: str) -> Any:
     if isinstance(obj, Sequence) and not isinstance(obj, (bytes, bytearray)):
         return [_convert(value, f"{where}[{i}]") for i, value in enumerate(obj)]
     raise TypeError(f"{where or 'value'}: a {type(obj).__name__} cannot be written to JSON ({obj!r:.80})")
+
+
+def check_output_file(path: str | Path, setting: str) -> Path:
+    """Raise ValueError, naming `setting` (e.g. ``--out``) and `path`, unless a file can be written at `path`:
+    it must not be a folder, and its folder must exist and be writable or be creatable. Nothing is created.
+    Returns `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{setting} {path}: is a folder; give a file name")
+    _check_can_create(path.parent, path, setting)
+    return path
+
+
+def check_output_dir(path: str | Path, setting: str) -> Path:
+    """Raise ValueError, naming `setting` and `path`, unless files can be written in the folder `path`: it is
+    a writable folder, or does not exist and can be created. Nothing is created. Returns `path`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{setting} {path}: exists and is not a folder")
+    _check_can_create(path, path, setting)
+    return path
+
+
+def _check_can_create(folder: Path, target: Path, setting: str) -> None:
+    """`folder` exists and is writable, or its deepest existing ancestor is a writable folder."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{setting} {target}: cannot be created: {existing} is a file, not a folder")
+    flags = os.W_OK | os.X_OK
+    effective = os.access in os.supports_effective_ids
+    if not os.access(existing, flags, effective_ids=effective):
+        raise ValueError(f"{setting} {target}: cannot write in {existing} (permission denied)")
+    # os.access answers from mode bits and read-only mounts; an NFS root_squash, ACL or security module
+    # can still say no, so one empty file is made and removed to be sure.
+    probe = existing / f".xraycls-probe-{uuid.uuid4().hex}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as error:
+        raise ValueError(f"{setting} {target}: cannot write in {existing} ({error.strerror})") from None
+    probe.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """`xraycls prepare`: decode every labelled PNG once into a uint8 [N, size, size] array, resumably.
 
-Inputs in `root`: `images/*.png`, a label file (any variant `find_label_file` accepts) and NIH's two split
-lists. Outputs in `cache_dir`:
+Inputs in `root`: `images/*.png`, a label file (any variant `find_label_file` accepts, or the one named by
+`label_file`) and NIH's two split lists. Outputs in `cache_dir`:
 
 - `images_u8_{size}.npy`: a standard `.npy` file (what `numpy.lib.format.open_memmap` writes), uint8
   [N, size, size], decoded by `xraycls.data.images.load_xray`; open it with `np.load(..., mmap_mode="r")`;
@@ -18,7 +18,8 @@ unfinished chunks. The chunks are then streamed in order into the array, so memo
 chunk_size x workers images whatever N is, and the result is byte-identical to an uninterrupted run. The
 array and the index are replaced atomically and the report is written last: it is the completion mark.
 Disk: the chunks and the final array coexist while assembling, so about twice the array's size is needed
-(checked before decoding).
+(checked before decoding). A run that stops before any chunk is finished (refused for disk space, say)
+leaves no chunk folder behind, nor the cache folder if it made it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 from xraycls.data.images import ImageDecodeError, load_xray
 from xraycls.data.labels import find_label_file, read_label_file
 from xraycls.data.splits import TEST_LIST, TRAIN_VAL_LIST, attach_official_split
-from xraycls.files import atomic_path, write_bytes
+from xraycls.files import atomic_path, check_output_dir, write_bytes
 from xraycls.findings import LABELS
 
 __all__ = [
@@ -85,12 +86,20 @@ def _file_digest(path: Path, digest) -> None:
             digest.update(block)
 
 
-def _scan_inputs(root: Path) -> _Inputs:
+def _scan_inputs(root: Path, label_file: Path | None = None) -> _Inputs:
     """Read and check everything `prepare_cache` needs, before any work; raise on what is absent."""
     images_dir = root / "images"
     if not images_dir.is_dir():
         raise FileNotFoundError(f"no images folder at {images_dir} (expected ROOT/images/*.png)")
-    label_file = find_label_file(root)
+    if label_file is None:
+        try:
+            label_file = find_label_file(root)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error}; for a file of another name: xraycls prepare --labels FILE"
+            ) from None
+    elif not label_file.is_file():
+        raise FileNotFoundError(f"label file {label_file}: no such file")
     table = attach_official_split(read_label_file(label_file), root)
     on_disk: dict[str, os.stat_result] = {}
     with os.scandir(images_dir) as entries:
@@ -236,6 +245,15 @@ def _assemble(partial: Path, chunks: int, size: int, target: Path) -> tuple[list
     return ok, corrupt
 
 
+def _drop_unstarted(partial: Path, made_folder: Path | None) -> None:
+    """Remove a chunk folder with no finished chunk (nothing to resume), and the cache folder when this
+    run made it and it is left empty."""
+    if partial.is_dir() and not any(partial.glob("chunk_*.json")):
+        shutil.rmtree(partial, ignore_errors=True)
+    if made_folder is not None and made_folder.is_dir() and not any(made_folder.iterdir()):
+        made_folder.rmdir()
+
+
 def _check_settings(size: int, chunk_size: int, workers: int | None) -> None:
     settings = {"size": size, "chunk_size": chunk_size, **({} if workers is None else {"workers": workers})}
     for name, value in settings.items():
@@ -272,7 +290,7 @@ def _decode(
         log.info("resuming: %d of %d chunks already decoded in %s", len(jobs) - len(todo), len(jobs), partial)
     pool_size = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
     decoded = sum(len(job[1]) for job in todo)
-    _check_disk(partial, (decoded + len(names)) * size * size)
+    _check_disk(partial.parent, (decoded + len(names)) * size * size)
     desc = f"prepare {size}px"
     with tqdm(
         total=len(names), initial=len(names) - decoded, unit="img", desc=desc, disable=not progress
@@ -289,25 +307,36 @@ def prepare_cache(
     workers: int | None = None,
     chunk_size: int = 256,
     progress: bool = True,
+    label_file: Path | None = None,
 ) -> dict:
     """Build (or resume, or find current) the `size` px cache of `root` in `cache_dir`; return the report.
 
-    `workers`: decoding processes (default: every core this process may use). A cache already complete for
-    the same inputs is left as is and its report returned with `reused: true`.
+    `workers`: decoding processes (default: every core this process may use). `label_file`: the label file
+    to read (default: the first known name in `root`, `find_label_file`). A cache already complete for the
+    same inputs is left as is and its report returned with `reused: true` (and `decoded: 0`); a cache to
+    write needs a writable `cache_dir` (ValueError before any work otherwise).
     """
     start = time.perf_counter()
     _check_settings(size, chunk_size, workers)
     root, cache_dir = Path(root), Path(cache_dir)
-    inputs = _scan_inputs(root)
+    inputs = _scan_inputs(root, None if label_file is None else Path(label_file))
     previous = _read_report(cache_dir)
     if _staleness(cache_dir, size, previous, inputs.fingerprint) is None:
         entry = previous["arrays"][str(size)]
         log.info("%dpx cache in %s is complete for these inputs: nothing to do", size, cache_dir)
         return {**previous, **entry, "size": size, "ok": entry["rows"], "reused": True, "decoded": 0}
 
+    check_output_dir(cache_dir, "cache folder")
+    made_folder = not cache_dir.exists()
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = _open_partial(cache_dir, size, chunk_size, inputs.fingerprint)
-    chunks, reused, decoded, pool_size = _decode(inputs, root, partial, size, chunk_size, workers, progress)
+    try:
+        chunks, reused, decoded, pool_size = _decode(
+            inputs, root, partial, size, chunk_size, workers, progress
+        )
+    except BaseException:
+        _drop_unstarted(partial, cache_dir if made_folder else None)
+        raise
 
     # From here on the old report must not vouch for this size: its array and the index are replaced.
     arrays = {k: v for k, v in (previous or {}).get("arrays", {}).items() if k != str(size)}

@@ -1,6 +1,6 @@
 """The exported model: a ``model/`` folder that `load_bundle` turns back into a working classifier.
 
-The folder holds exactly two files, neither of which can carry code:
+The folder holds exactly two files, neither of which can carry code (both get the umask's permissions):
 
 - ``model.safetensors``: the timm backbone's state dict (float tensors, CPU, contiguous, no shared storage);
 - ``config.json``: ``format`` and ``format_version``; ``backbone`` (timm name) and ``backbone_kwargs``
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +266,9 @@ def export_bundle(
         safetensors.torch.save_file(tensors, str(tmp_dir / BUNDLE_WEIGHTS), metadata={"format": "pt"})
         text = json.dumps(config, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
         (tmp_dir / BUNDLE_CONFIG).write_text(text, encoding="utf-8")
+        # safetensors creates its file 0600 whatever the umask; the bundle's files share one mode, the
+        # umask's (what config.json got), so whoever may read the config may read the weights.
+        os.chmod(tmp_dir / BUNDLE_WEIGHTS, stat.S_IMODE(os.stat(tmp_dir / BUNDLE_CONFIG).st_mode))
     log.info("model bundle written to %s (%s, %d tensors)", out_dir, backbone_name, len(tensors))
     return out_dir
 

@@ -2,7 +2,8 @@
 
 Outputs: the predictions file (`xraycls.inference.outputs`), the grid figure, and heatmaps
 (`xraycls.inference.heatmaps.save_heatmaps`: one overlay PNG per image and flagged finding, or per image for
-one chosen finding). Every setting is checked before any image is read.
+one chosen finding). Every setting, output locations included, is checked before the model is loaded or any
+image is read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from xraycls.disclaimer import DISCLAIMER
+from xraycls.files import check_output_dir, check_output_file
 from xraycls.findings import FINDINGS
 from xraycls.inference.bundle import ModelBundle, load_bundle
 from xraycls.inference.outputs import output_format, plot_prediction_grid, write_predictions
@@ -34,11 +36,15 @@ def _check_job(
     heatmaps_dir: Path | None,
     finding: str | None,
 ) -> None:
-    """Settings checked before any work, each error naming the option and its value."""
+    """Settings checked before any work, each error naming the option and its value; every output location
+    must be writable (and a file name where a file is written), so a job never fails after predicting."""
     if out is not None:
         output_format(out)
-    if grid is not None and Path(grid).suffix.lower() != ".png":
-        raise ValueError(f"--grid {grid}: the figure is a PNG; the name must end in .png")
+        check_output_file(out, "--out")
+    if grid is not None:
+        if Path(grid).suffix.lower() != ".png":
+            raise ValueError(f"--grid {grid}: the figure is a PNG; the name must end in .png")
+        check_output_file(grid, "--grid")
     if grid_size < 1:
         raise ValueError(f"--grid-size must be >= 1, got {grid_size}")
     if labels_file is not None:
@@ -51,8 +57,8 @@ def _check_job(
             raise ValueError(f"--finding {finding}: it chooses the heatmap to draw; give --heatmaps DIR too")
         if finding not in FINDINGS:
             raise ValueError(f"--finding {finding!r} is not one of the findings {list(FINDINGS)}")
-    if heatmaps_dir is not None and Path(heatmaps_dir).exists() and not Path(heatmaps_dir).is_dir():
-        raise ValueError(f"--heatmaps {heatmaps_dir}: exists and is not a folder")
+    if heatmaps_dir is not None:
+        check_output_dir(heatmaps_dir, "--heatmaps")
 
 
 def _heatmap_writer(
@@ -95,8 +101,8 @@ def run_predict(
     `out` (CSV or JSON by extension); the `grid` PNG (`grid_size` squared images, titled with the real
     labels from `labels_file` when given); into `heatmaps_dir`, one overlay per image and flagged finding
     (only `finding` when given). Returns the predictions: failed files in ``failures``, overlays written in
-    ``heatmaps``. Raises ValueError / FileNotFoundError naming the setting before any image is read, and
-    ValueError when no image file is found at all.
+    ``heatmaps``. Raises ValueError / FileNotFoundError naming the setting before any image is read (an
+    output location that cannot be written included), and ValueError when no image file is found at all.
     """
     _check_job(out, grid, grid_size, labels_file, heatmaps_dir, finding)
     device = resolve_device(device)

@@ -2,7 +2,8 @@
 
 Files written to the output folder:
 
-- `cost_report.md`: time and money per flavor at 1x (mean ± sample std, n), where the training time goes
+- `cost_report.md`: time and money per flavor at 1x (mean ± sample std, n, and the training seconds'
+  coefficient of variation), where the training time goes
   (set-up, compilation, fixed, per-image), the k x extrapolation beside naive linear scaling, the published
   figures (marked as such: never measured here), the flavors and their price sources, and notes;
 - `cost_groups.csv`: one row per group, every mean and std in seconds and in the flavor's currency;
@@ -11,19 +12,22 @@ Files written to the output folder:
 - `time_per_flavor.png`, `cost_per_flavor.png`: bars at 1x and at k x (ours stacked by part, naive hatched);
   the cost chart only when some group has a price.
 
-Money columns of a flavor whose price is a placeholder carry a `*` and the report says so at the top.
+Money columns of a flavor whose price is a placeholder carry a `*` and the report says so at the top; so do
+groups whose training seconds vary by more than `NOISY_CV` between repeats, and runs priced with a flavor
+(`--flavor`) whose plan does not fit their recorded hardware.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from xraycls.files import atomic_path, write_text
 from xraycls.report.cost.charts import plot_cost_bars
 from xraycls.report.cost.published import PUBLISHED, PUBLISHED_ROWS, PublishedFigure
-from xraycls.report.cost.runs import CostGroup, Stat
+from xraycls.report.cost.runs import NOISY_CV, CostGroup, Stat
 
 __all__ = ["write_cost_report", "format_duration"]
 
@@ -73,6 +77,27 @@ def _scaled(name: str, q: str, k: float, money: bool = False) -> Column:
     return name, lambda g: _cell(g.scaled_stat(q, k, money=money), g if money else None)
 
 
+def _cv(group: CostGroup) -> str:
+    cv = group.training_cv
+    return "-" if cv is None else f"{cv:.1%}"
+
+
+def _warnings(groups: Sequence[CostGroup]) -> list[str]:
+    """Block quotes for the top of the report: noisy repeats and flavors that do not fit the runs."""
+    out = []
+    noisy = [g for g in groups if g.training_cv is not None and g.training_cv > NOISY_CV]
+    for group in noisy:
+        out += [
+            "",
+            f"> **NOISY TIMINGS**: {group.label}'s training seconds vary by {group.training_cv:.1%} "
+            f"(sample std / mean over {len(group.runs)} runs, > {NOISY_CV:.0%}): the machine was not quiet; "
+            "these means are not comparable.",
+        ]
+    for group in groups:
+        out += ["", *(f"> **FLAVOR DOES NOT FIT THE RUNS**: {warning}" for warning in group.warnings)]
+    return out
+
+
 def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[PublishedFigure]) -> str:
     label: Column = ("flavor", lambda g: g.label)
     placeholders = sorted({g.flavor.name for g in groups if g.flavor is not None and g.flavor.placeholder})
@@ -84,11 +109,13 @@ def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[Publish
             "their money columns show the arithmetic, not a quote. Set `price_per_hour`, `source`, `as_of` "
             "and `placeholder: false` in `experiments/cost_study/flavors/NAME.yaml` for real figures.",
         ]
+    out += _warnings(groups)
     out += ["", "## At 1x the data: measured (mean ± std over n runs), then published IPU figures", ""]
     parts = ("preparation", "training", "total")
-    out += _table([label, ("n", lambda g: len(g.runs)), *map(_time, parts), *map(_cost, parts)], groups)
+    cv: Column = ("training CV", _cv)
+    out += _table([label, ("n", lambda g: len(g.runs)), *map(_time, parts), *map(_cost, parts), cv], groups)
     if published:  # IPU rows: the guide's own numbers beside ours, never presented as measured
-        out += ["| " + " | ".join(row) + " |" for row in PUBLISHED_ROWS]
+        out += ["| " + " | ".join([*row, "-"]) + " |" for row in PUBLISHED_ROWS]
     out += ["", "## Where the training time goes", ""]
     first = lambda g: g.runs[0].identity  # noqa: E731 - repeats share it (checked when grouping)
     out += _table(
@@ -154,7 +181,12 @@ def _markdown(groups: Sequence[CostGroup], k: float, published: Sequence[Publish
             ],
             flavors,
         )
-    out += ["", "## How these numbers are made", "", *_METHOD.format(k=f"{k:g}x").splitlines()]
+    out += [
+        "",
+        "## How these numbers are made",
+        "",
+        *_METHOD.format(k=f"{k:g}x", cv=f"{NOISY_CV:.0%}").splitlines(),
+    ]
     for group in groups:
         out += [f"- {group.label}: {note}" for note in group.notes]
         out += [f"- {run.run_dir}: {note}" for run in group.runs for note in run.notes]
@@ -171,7 +203,9 @@ _METHOD = """\
   checkpoints, export, plots). At {k}: preparation and per-image work x k, fixed kept; naive = the whole
   1x total x k (the guide's method); difference = naive - ours.
 - money = seconds / 3600 x the flavor's price per hour for the whole machine; ± is the sample standard
-  deviation over the repeats (on a shared machine it mostly measures the other load)."""
+  deviation over the repeats (on a shared machine it mostly measures the other load); training CV = that
+  std / the mean of the training seconds, and above {cv} the report warns that the means are not
+  comparable."""
 
 _RUN_COLUMNS = (("preparation", "preparation"), ("training", "training"), ("fixed", "fixed"),
                 ("per-image", "per_image"))  # fmt: skip
@@ -212,6 +246,8 @@ def _group_rows(groups: Sequence[CostGroup], k: float) -> list[dict]:
         for name, stat in stats:
             row[f"{name}_mean"], row[f"{name}_std"] = stat.mean, stat.std
         row["train_images_per_s_mean"] = g.stat("train_images_per_s").mean
+        row["training_cv"] = g.training_cv
+        row["warnings"] = " | ".join(g.warnings) or None
         row["runs"] = ";".join(str(run.run_dir) for run in g.runs)
         rows.append(row)
     return rows
@@ -254,8 +290,8 @@ def write_cost_report(
     """Write the files listed in the module doc into `out_dir`; returns {kind: path} of those written."""
     if not groups:
         raise ValueError("no runs to report: give at least one run directory")
-    if not (isinstance(scale, int | float) and scale > 0):
-        raise ValueError(f"scale must be a number > 0 (k x the data), got {scale!r}")
+    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a number > 0 and finite (k x the data), got {scale!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "cost_report.md"

@@ -13,6 +13,10 @@ Per run, in seconds of wall time:
 
 At k x the data: preparation x k, fixed unchanged, per-image work x k. The guide's naive estimate scales the
 whole run by k; `difference` = naive - ours. Money = seconds / 3600 x price_per_hour.
+
+Repeats vary: `CostGroup.training_cv` (sample std / mean of the training seconds) above `NOISY_CV` means the
+machine was not quiet, and a run priced with a flavor whose plan does not fit its recorded hardware gets a
+group warning; the report puts both at its top.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ __all__ = [
     "group_runs",
     "Stat",
     "describe",
+    "NOISY_CV",
 ]
 
 SUMMARY = "summary.json"
 # What must agree between repeats of one experiment under one flavor (backbone: from config.yaml).
 _IDENTITY = ("task_name", "split", "source", "image_size", "input_size", "global_batch", "images", "epochs")
+NOISY_CV = 0.20  # training seconds' std / mean over repeats above which the means are not comparable
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,12 @@ def load_run(run_dir: str | Path) -> RunCost:
             f"{path}: the run resumed from {summary['resumed_from']}; its timings cover only the part after "
             "the resume, so its cost is not a whole run's (leave it out)"
         )
+    hardware = summary.get("hardware")
+    if not isinstance(hardware, dict) or not hardware.get("accelerator"):
+        raise ValueError(
+            f"{path}: hardware (the resolved plan: accelerator, devices, ...) is missing, got {hardware!r}; "
+            "without it the run can be neither grouped nor priced"
+        )
     timing, data = summary.get("timing") or {}, summary.get("data") or {}
     epochs = timing.get("epochs") or []
     images = data.get("images") or {}
@@ -124,7 +136,7 @@ def load_run(run_dir: str | Path) -> RunCost:
     train_rate = _number(summary, "throughput.train_images_per_s", path)
     if train_rate <= 0:
         raise ValueError(f"{path}: throughput.train_images_per_s is {train_rate}, not a measured rate")
-    per_image = len(epochs) * _trained_images(images["train"], summary.get("hardware") or {}) / train_rate
+    per_image = len(epochs) * _trained_images(images["train"], hardware) / train_rate
     per_image += _eval_seconds(summary, timing, images, path, notes)
     training = total
     if per_image > training:
@@ -137,7 +149,7 @@ def load_run(run_dir: str | Path) -> RunCost:
     return RunCost(
         run_dir=run_dir,
         identity=identity,
-        hardware=dict(summary.get("hardware") or {}),
+        hardware=dict(hardware),
         device_names=tuple((summary.get("versions") or {}).get("devices") or ()),
         download=_number(summary, "timing.download", path, required=False),
         extraction=_number(summary, "timing.extraction", path, required=False),
@@ -214,10 +226,17 @@ class CostGroup:
     runs: list[RunCost]
     flavor: Flavor | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # shown at the top of the report
 
     @property
     def currency(self) -> str | None:
         return self.flavor.currency if self.flavor else None
+
+    @property
+    def training_cv(self) -> float | None:
+        """Coefficient of variation of the training seconds: sample std / mean (None for one run)."""
+        stat = self.stat("training")
+        return None if stat.std is None or not stat.mean else stat.std / stat.mean
 
     def stat(self, quantity: str, *, money: bool = False) -> Stat:
         """A RunCost attribute over the repeats (preparation, training, total, fixed, per_image, setup,
@@ -297,7 +316,23 @@ def group_runs(
         _check_same(group.label, group.runs, "hardware plans", lambda run: run.hardware)
         if key.startswith("plan:"):
             _price_by_plan(group, flavors)
+        else:
+            _warn_unfitting_flavor(group)
     return list(groups.values())
+
+
+def _warn_unfitting_flavor(group: CostGroup) -> None:
+    """A flavor chosen with --flavor prices whatever it is given: say so when the runs' recorded hardware
+    is not the flavor's plan (CPU seconds priced at a GPU rate, say)."""
+    run = group.runs[0]  # the group's runs share one hardware plan (checked)
+    if group.flavor is not None and not group.flavor.matches(run.hardware, run.device_names):
+        recorded = {key: run.hardware.get(key) for key in ("accelerator", "devices", "nodes", "ipus")}
+        devices = f", devices {list(run.device_names)}" if run.device_names else ""
+        match = f", device name containing {group.flavor.device_match!r}" if group.flavor.device_match else ""
+        group.warnings.append(
+            f"{group.label}: the runs' recorded hardware ({recorded}{devices}) does not fit the flavor's "
+            f"plan ({group.flavor.plan}{match}); its prices are for another machine than the one timed."
+        )
 
 
 def _price_by_plan(group: CostGroup, flavors: dict[str, Flavor]) -> None:
