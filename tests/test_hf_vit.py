@@ -221,6 +221,8 @@ def test_export_reproduces_the_bundle_in_transformers(imported: Path, tmp_path: 
     assert (hf.config.image_size, hf.config.patch_size, hf.config.hidden_size) == (SIZE, PATCH, 64)
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": SIZE, "width": SIZE} and processor["image_mean"] == [0.5] * 3
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights too, not safetensors' own 0600
     bundle = load_bundle(imported)
     images = np.random.default_rng(4).integers(0, 256, size=(3, SIZE, SIZE), dtype=np.uint8)
     x = bundle.preprocess(list(images))

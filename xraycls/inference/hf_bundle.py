@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import uuid
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import timm
 import torch
 
 from xraycls.data.transforms import DeviceNormalize
+from xraycls.files import atomic_dir
 from xraycls.findings import LABELS
 from xraycls.inference.bundle import export_bundle, load_bundle, make_preprocessing
 from xraycls.model import hf_vit
@@ -271,20 +272,13 @@ def export_hf(model_dir: Path, out_dir: Path) -> Path:
         raise ValueError(
             f"export to {out_dir}: it exists and is not a transformers folder; refusing to replace it"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:  # kept only when transformers reproduces the bundle's logits
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        safetensors.torch.save_file(hf_tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weights = tmp / "model.safetensors"
+        safetensors.torch.save_file(hf_tensors, str(weights), metadata={"format": "pt"})
+        os.chmod(weights, stat.S_IMODE(os.stat(tmp / "config.json").st_mode))  # safetensors writes 0600
         _check_logits(bundle, ViTForImageClassification.from_pretrained(tmp).eval(), arch.image_size)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log.info("transformers ViTForImageClassification written to %s", out_dir)
     return out_dir
 
