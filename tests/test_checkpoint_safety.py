@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _project import PROJECT_ROOT
 
 from xraycls.model.checkpoint import CheckpointError, open_checkpoint
 
@@ -99,3 +102,58 @@ def test_missing_and_foreign_files(tmp_path: Path) -> None:
     torch.save(torch.zeros(2), tensor)
     with pytest.raises(CheckpointError, match="holds a Tensor, not a checkpoint mapping"):
         open_checkpoint(tensor)
+
+
+def test_load_from_checkpoint_refuses_a_malicious_file_before_lightning_opens_it(tmp_path: Path) -> None:
+    from xraycls.model.module import XrayClassifier
+
+    path, marker = tmp_path / "evil.ckpt", tmp_path / "payload_ran"
+    _write("genuine checkpoint + one object", path, marker)
+    with pytest.raises(CheckpointError, match="refused"):
+        XrayClassifier.load_from_checkpoint(path, weights="none")
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def small_demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """paths.data_dir with a small synthetic demo/raw: the refusal comes before any of it is read."""
+    from xraycls.data.synthetic import make_synthetic_nih
+
+    data = tmp_path_factory.mktemp("data")
+    make_synthetic_nih(data / "demo" / "raw", 40, size=64, seed=0, min_prevalence=0.08)
+    return data
+
+
+def _train(data: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "experiment=demo", f"paths.data_dir={data}"]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    return subprocess.run(
+        [*command, *overrides], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("shape", ["raw pickle", "torch zip", "genuine checkpoint + one object"])
+def test_train_py_refuses_a_malicious_checkpoint_and_never_runs_it(
+    small_demo_data: Path, tmp_path: Path, shape: str
+) -> None:
+    """`ckpt_path=evil.ckpt` given, and the same file planted as a run directory's last.ckpt (auto-resume)."""
+    evil, marker = tmp_path / "evil.ckpt", tmp_path / "payload_ran"
+    _write(shape, evil, marker)
+    planted = tmp_path / "run"
+    (planted / "checkpoints").mkdir(parents=True)
+    (planted / "checkpoints" / "last.ckpt").write_bytes(evil.read_bytes())
+    for overrides in ([f"ckpt_path={evil}", f"paths.runs_dir={tmp_path}/runs"], [f"hydra.run.dir={planted}"]):
+        result = _train(small_demo_data, *overrides)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and last.startswith("train.py: error: checkpoint "), result.stderr[
+            -1500:
+        ]
+        assert "refused" in last and "Traceback" not in result.stderr
+        assert not marker.exists(), f"the payload ran ({overrides})"
+    assert not list((tmp_path / "runs").rglob("*"))  # no run folder left by the refused run
+    assert sorted(p.name for p in planted.iterdir()) == [
+        ".hydra",
+        "checkpoints",
+        "train.log",
+    ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from xraycls.findings import LABELS, NUM_LABELS
 from xraycls.model.backbone import DEFAULT_BACKBONE, create_backbone, param_groups
+from xraycls.model.checkpoint import open_checkpoint
 from xraycls.model.metrics import XrayMetrics
 from xraycls.model.schedule import warmup_cosine, warmup_cosine_factor
 
@@ -119,6 +121,13 @@ class XrayClassifier(L.LightningModule):
                     f"this is torch {torch.__version__}"
                 )
             self.backbone.compile()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> XrayClassifier:
+        """Lightning's loader, after `open_checkpoint` read the file with weights_only=True: on the legacy
+        stack (Lightning 2.0.9, torch 2.0.1) Lightning's own torch.load would run any code in the file."""
+        open_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, images: Tensor) -> Tensor:
         """Images [B, 3, H, W] (normalised) -> logits [B, 15]."""
