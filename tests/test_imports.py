@@ -1,5 +1,5 @@
-"""Import hygiene: inference loads with torch + timm alone (DESIGN.md: no Lightning, torchmetrics or Hydra),
-and no two modules of the package import each other, directly or around a longer loop."""
+"""Import hygiene: inference and evaluation load with torch + timm alone (DESIGN.md: no Lightning,
+torchmetrics or Hydra), and no two modules of the package import each other, directly or around a loop."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ TRAINING_STACK = ("lightning", "torchmetrics", "hydra", "omegaconf", "pytorch_li
 EXPECTED_CYCLES: set[frozenset[str]] = set()  # none: every intra-package import runs one way
 
 
-def test_inference_imports_no_training_stack() -> None:
+def test_inference_and_evaluation_import_no_training_stack() -> None:
     code = (
         "import sys, xraycls.inference, xraycls.inference.predict_run, xraycls.inference.onnx_export, "
-        "xraycls.inference.heatmaps; "
+        "xraycls.inference.heatmaps, xraycls.inference.calibration, xraycls.evaluation.evaluate, "
+        "xraycls.evaluation.compare, xraycls.evaluation.paired; "
         f"print(sorted(m for m in {TRAINING_STACK!r} if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -29,7 +30,7 @@ def test_inference_imports_no_training_stack() -> None:
         [sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]", f"xraycls.inference loaded {result.stdout.strip()}"
+    assert result.stdout.strip() == "[]", f"xraycls.inference/evaluation loaded {result.stdout.strip()}"
 
 
 def _modules() -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""The `xraycls` command line: get and prepare data, plan and cost runs, predict, export, import, report.
+"""The `xraycls` command line: data, plans and costs, prediction, evaluation, export and sweep reports.
 
 Each command is a thin shell over one library function:
 
@@ -9,6 +9,8 @@ Each command is a thin shell over one library function:
     plan          the resolved hardware plan of a training config
     cost          time and money per flavor from run directories, and at k x the data
     predict       probabilities and flagged findings for X-ray files
+    evaluate      a model bundle on one part of a split: metrics, patient-bootstrap intervals, plots
+    compare       runs or evaluations side by side: intervals, paired differences, forest plot
     export        a model bundle as ONNX (checked against PyTorch) or as a transformers ViT folder
     import-hf     a transformers ViTForImageClassification folder as a model bundle
     sweep-report  ranking, charts and importances of a finished sweep folder
@@ -208,6 +210,7 @@ def _predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         progress=not args.quiet,
+        calibrated=args.calibrated,
     )
     # Without --out the CSV goes to stdout, so everything else goes to stderr.
     report = sys.stdout if args.out else sys.stderr
@@ -268,6 +271,40 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    """A model bundle on one part of a split: metrics.json (+ intervals), predictions.csv, plots."""
+    from xraycls.evaluation.evaluate import run_evaluate
+
+    check_output_dir(args.out, "--out")
+    result = run_evaluate(
+        Path(args.model),
+        Path(args.out),
+        cache_dir=Path(args.cache) if args.cache else None,
+        root=Path(args.root) if args.root else None,
+        split=args.split,
+        split_seed=args.split_seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        part=args.part,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        device=args.device,
+        calibrated=args.calibrated,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    ci = result["ci"] or {}
+    interval = ci.get("auroc_macro14") or [None, None]
+    shown = "" if interval[0] is None else f" (95% CI {interval[0]:.4f} to {interval[1]:.4f})"
+    print(
+        f"{result['split']} {result['part']}: {result['images']} images, {result['patients']} patients; "
+        f"auroc_macro14 {result['auroc_macro14']:.4f}{shown}; wrote {args.out}"
+    )
+    return 0
+
+
 @_command("sweep-report")
 def _sweep_report(args: argparse.Namespace) -> int:
     """Write the report of a sweep folder (ranking, configurations, charts, importances); print its files."""
@@ -279,6 +316,20 @@ def _sweep_report(args: argparse.Namespace) -> int:
     written = write_sweep_report(sweep_dir, out, allow_unfinished=args.allow_unfinished)
     for path in written.values():
         print(f"wrote {path}")
+    return 0
+
+
+@_command("compare")
+def _compare(args: argparse.Namespace) -> int:
+    """Runs or evaluate outputs side by side: AUROC with intervals, paired differences, forest plot."""
+    from xraycls.evaluation.compare import run_compare
+
+    check_output_dir(args.out, "--out")
+    written = run_compare(
+        [Path(p) for p in args.models], Path(args.out), bootstrap=args.bootstrap, seed=args.seed
+    )
+    print(written["markdown"].read_text(encoding="utf-8"))
+    print("wrote: " + ", ".join(str(path) for path in written.values()))
     return 0
 
 
@@ -370,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="threads reading image files")
+    p.add_argument("--calibrated", action="store_true", help="apply the model's stored temperatures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser(
@@ -407,6 +459,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-unfinished", action="store_true", help="report without the unfinished trials, listing them"
     )
+
+    p = sub.add_parser(
+        "evaluate", help="a model bundle on one part of a split: metrics with patient-bootstrap intervals"
+    )
+    p.add_argument("--model", required=True, help="the model/ folder of a training run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cache", default=None, help="cache folder written by `xraycls prepare`")
+    source.add_argument("--root", default=None, help="dataset folder (PNGs decoded on the fly, slow)")
+    p.add_argument("--split", default=None, help="official | patient_random | seed_random "
+                   "(default: the split the model trained on, else official)")  # fmt: skip
+    p.add_argument("--split-seed", type=int, default=None, help="default: the model's, for its own split")
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--test-fraction", type=float, default=None)
+    p.add_argument("--part", default="test", help="train | val | test")
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, help="patient resamples for the intervals (0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the resamples")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--calibrated", action="store_true", help="apply the model's stored temperatures")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--out", default="evaluation", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "compare", help="runs or evaluate outputs side by side, paired tests on the same images"
+    )
+    p.add_argument("models", nargs="+", help="run directories or `evaluate` output folders (2 or more)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="patient resamples (intervals, paired test)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resamples")
+    p.add_argument("--out", default="comparison", help="output folder")
     return parser
 
 

@@ -7,7 +7,9 @@ Binning rule: `bins` (default 15) equal-width bins on [0, 1]; bin k holds probab
 Temperature scaling: per label, p = sigmoid(logit / T) with T > 0 fitted on validation logits by
 minimising the mean binary cross-entropy over log T (bounded 1-D search). Dividing by T is monotone, so it
 changes no ranking (AUROC, AP unchanged); `map_thresholds` carries probability thresholds through the same
-map, so "probability >= threshold" flags the same images before and after.
+map, so "probability >= threshold" flags the same images before and after. Applying stored temperatures
+(`apply_temperatures`, `map_thresholds`) lives in `xraycls.inference.calibration`, beside the bundle that
+stores them, and is re-exported here.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, log_expit, logit
+from scipy.special import log_expit
 
+from xraycls.files import save_png
 from xraycls.findings import LABELS
+from xraycls.inference.calibration import apply_temperatures, calibrate_probabilities, map_thresholds
 
 __all__ = [
+    "BINNING_RULE",
     "reliability",
     "expected_calibration_error",
     "calibration_report",
+    "calibration_summary",
     "plot_reliability",
     "fit_temperatures",
     "apply_temperatures",
@@ -32,6 +39,10 @@ __all__ = [
 ]
 
 _LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
+BINNING_RULE = (
+    "{bins} equal-width bins on [0, 1], bin k = [k/{bins}, (k+1)/{bins}) (the last also holds 1.0); "
+    "ECE = sum over non-empty bins of (count / N) * |mean predicted probability - observed frequency|"
+)
 
 
 def reliability(probs: np.ndarray, positive: np.ndarray, bins: int = 15) -> dict[str, list]:
@@ -87,17 +98,34 @@ def calibration_report(
     }
 
 
+def calibration_summary(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    temperatures: Mapping[str, float] | None = None,
+    bins: int = 15,
+) -> dict:
+    """ECE per label of sigmoid `probs` [N, 15] and, given `temperatures`, of the calibrated probabilities
+    (``ece_calibrated``, else None): {"bins", "rule", "ece", "temperatures", "ece_calibrated"}."""
+    report = calibration_report(probs, labels, LABELS, bins)
+    after = None
+    if temperatures is not None:
+        after = calibration_report(calibrate_probabilities(probs, temperatures), labels, LABELS, bins)["ece"]
+    return {
+        "bins": bins,
+        "rule": BINNING_RULE.format(bins=bins),
+        "ece": report["ece"],
+        "temperatures": dict(temperatures) if temperatures is not None else None,
+        "ece_calibrated": after,
+    }
+
+
 def plot_reliability(diagrams: Mapping[str, Mapping[str, list]], path: str | Path, title: str = "") -> Path:
     """Writes a PNG with one reliability panel per label (bars: observed frequency per bin; diagonal)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(diagrams)
     cols = min(5, max(1, len(names)))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False)
+    fig = Figure(figsize=(3.0 * cols, 3.0 * rows))  # no pyplot: no global matplotlib state
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.ravel(), names, strict=False):
         data = diagrams[name]
         edges = np.asarray(data["edges"])
@@ -117,11 +145,7 @@ def plot_reliability(diagrams: Mapping[str, Mapping[str, list]], path: str | Pat
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, Path(path), dpi=100)
 
 
 def _nll(log_t: float, logits: np.ndarray, positive: np.ndarray) -> float:
@@ -145,39 +169,3 @@ def fit_temperatures(
         )  # fmt: skip
         temperatures[name] = float(np.exp(fit.x))
     return temperatures
-
-
-def _vector(temperatures: Mapping[str, float], label_names: Sequence[str]) -> np.ndarray:
-    missing = [name for name in label_names if name not in temperatures]
-    if missing:
-        raise ValueError(f"no temperature for {missing}")
-    t = np.array([temperatures[name] for name in label_names], dtype=float)
-    if not np.all(t > 0):
-        raise ValueError(f"temperatures must be > 0, got {dict(zip(label_names, t.tolist(), strict=True))}")
-    return t
-
-
-def apply_temperatures(
-    logits: np.ndarray, temperatures: Mapping[str, float], label_names: Sequence[str] = LABELS
-) -> np.ndarray:
-    """Calibrated probabilities [N, L] = sigmoid(logits / T) per label."""
-    return expit(np.asarray(logits, dtype=float) / _vector(temperatures, label_names))
-
-
-def map_thresholds(
-    thresholds: Mapping[str, float | None], temperatures: Mapping[str, float]
-) -> dict[str, float | None]:
-    """Thresholds on uncalibrated probabilities -> the same cuts on calibrated ones: sigmoid(logit(t) / T).
-
-    A label absent from `temperatures` keeps its threshold; None (never flagged) stays None.
-    """
-    out: dict[str, float | None] = {}
-    for name, t in thresholds.items():
-        if t is None or name not in temperatures:
-            out[name] = t
-            continue
-        temp = float(temperatures[name])
-        if temp <= 0:
-            raise ValueError(f"temperature for {name} must be > 0, got {temp}")
-        out[name] = float(expit(logit(float(t)) / temp))
-    return out

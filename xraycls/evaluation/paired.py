@@ -14,6 +14,7 @@ per finding, the AUROC difference, its standard error, z and two-sided p. It tre
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -134,7 +135,9 @@ def delong_test(
         return {"difference": None, "interval": [None, None], "se": None, "z": None, "p_value": None}
     a10, a01 = delong_components(np.asarray(scores_a, dtype=float), positive)
     b10, b01 = delong_components(np.asarray(scores_b, dtype=float), positive)
-    s10, s01 = np.cov(np.stack([a10, b10])), np.cov(np.stack([a01, b01]))
+    with warnings.catch_warnings():  # one positive or one negative: no variance, NaN made 0 below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        s10, s01 = np.cov(np.stack([a10, b10])), np.cov(np.stack([a01, b01]))
     cov = np.nan_to_num(s10) / a10.size + np.nan_to_num(s01) / a01.size  # one image: no variance
     var = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
     diff = b10.mean() - a10.mean()

@@ -18,6 +18,7 @@ from xraycls.disclaimer import DISCLAIMER
 from xraycls.files import check_output_dir, check_output_file
 from xraycls.findings import FINDINGS
 from xraycls.inference.bundle import ModelBundle, load_bundle
+from xraycls.inference.calibration import calibrate_probabilities, calibrate_thresholds, load_temperatures
 from xraycls.inference.outputs import output_format, plot_prediction_grid, write_predictions
 from xraycls.inference.predict import BatchCallback, load_thresholds, predict_files, resolve_device
 from xraycls.inference.readers import collect_inputs
@@ -95,19 +96,28 @@ def run_predict(
     batch_size: int = 32,
     workers: int = 1,
     progress: bool = True,
+    calibrated: bool = False,
 ) -> Predictions:
     """Predict every image in `inputs` (files or folders) with the bundle in `model_dir`, and write:
 
     `out` (CSV or JSON by extension); the `grid` PNG (`grid_size` squared images, titled with the real
     labels from `labels_file` when given); into `heatmaps_dir`, one overlay per image and flagged finding
     (only `finding` when given). Returns the predictions: failed files in ``failures``, overlays written in
-    ``heatmaps``. Raises ValueError / FileNotFoundError naming the setting before any image is read (an
-    output location that cannot be written included), and ValueError when no image file is found at all.
+    ``heatmaps``. `calibrated` reports the probabilities through the bundle's temperatures
+    (`xraycls.inference.calibration`) with the thresholds mapped alike, so the same findings are flagged.
+    Raises ValueError / FileNotFoundError naming the setting before any image is read (an output location
+    that cannot be written included), and ValueError when no image file is found at all.
     """
     _check_job(out, grid, grid_size, labels_file, heatmaps_dir, finding)
     device = resolve_device(device)
     bundle = load_bundle(Path(model_dir), device="cpu")  # predict_proba moves it to `device`
     thresholds = load_thresholds(bundle)
+    temperatures = load_temperatures(bundle.config, f"model bundle {model_dir}: config.json")
+    if calibrated and temperatures is None:
+        raise ValueError(
+            f"--calibrated: model bundle {model_dir} stores no temperatures "
+            "(train with eval.temperature_scaling=true to fit them on validation)"
+        )
     label_table = None
     if labels_file is not None:
         from xraycls.data.labels import read_label_file
@@ -133,6 +143,11 @@ def run_predict(
     )
     predictions.model_dir = Path(model_dir)
     predictions.heatmaps = heatmap_files
+    if calibrated:
+        probs = calibrate_probabilities(predictions.probabilities, temperatures)
+        predictions.thresholds = calibrate_thresholds(thresholds, temperatures)
+        predictions.flagged = predictions.thresholds.flag(probs)  # in float64, before rounding for output
+        predictions.probabilities = probs.astype(np.float32)
     if out is not None:
         write_predictions(predictions, Path(out))
     if grid is not None:

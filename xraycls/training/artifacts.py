@@ -1,4 +1,5 @@
-"""What a finished run leaves besides summary.json: the model bundle (model/) and the plots (plots/)."""
+"""What a finished run leaves besides summary.json: the model bundle (model/), the plots (plots/) and the test
+predictions (predictions_test.csv, `xraycls.evaluation.predictions`: what `xraycls compare` reads)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,50 @@ from typing import Any
 
 import numpy as np
 
+from xraycls.evaluation.predictions import ScoredImages, write_scored_images
 from xraycls.findings import NUM_LABELS
 from xraycls.inference.bundle import export_bundle
+from xraycls.inference.calibration import CALIBRATION_KEY
 from xraycls.model.module import XrayClassifier
 from xraycls.report.plots import plot_roc_curves, plot_sample_grid, plot_training_curves
 from xraycls.training.summary import headline_metrics
 
-__all__ = ["export_model", "write_plots"]
+__all__ = [
+    "PREDICTIONS_TEST_NAME",
+    "export_model",
+    "write_plots",
+    "gathered_test_ids",
+    "write_test_predictions",
+]
+
+PREDICTIONS_TEST_NAME = "predictions_test.csv"
+
+
+def gathered_test_ids(datamodule: Any, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(image names, patient ids) of the test part in the order of the gathered test outputs.
+
+    One process sees the part in order; under DDP each rank r took images r, r + W, ... (the DataModule's
+    unpadded eval sampler) and the gathered outputs are the ranks' shares one after another.
+    """
+    table, assignment = datamodule.table, datamodule.assignment
+    rows = np.asarray(assignment.indices("test"), dtype=np.int64)
+    order = np.concatenate([np.arange(len(rows))[r::world_size] for r in range(world_size)])
+    rows = rows[order]
+    return table["image"].to_numpy(dtype=str)[rows], table["patient_id"].to_numpy()[rows]
+
+
+def write_test_predictions(
+    run_dir: Path, test_outputs: tuple[np.ndarray, np.ndarray], ids: tuple[np.ndarray, np.ndarray], split: str
+) -> Path:
+    """predictions_test.csv: image, patient, the 15 test probabilities and the 15 labels."""
+    probs, labels = test_outputs
+    images, patients = ids
+    if len(images) != len(probs):
+        raise RuntimeError(f"{len(probs)} test outputs for the {len(images)} images of the test part")
+    note = f"Run {run_dir}; {split} test; probabilities of the best checkpoint."
+    return write_scored_images(
+        run_dir / PREDICTIONS_TEST_NAME, ScoredImages(images, patients, probs, labels), note
+    )
 
 
 def write_plots(
@@ -38,8 +76,9 @@ def write_plots(
 
 
 def export_model(run_dir: Path, model: XrayClassifier, datamodule: Any, summary: dict) -> Path:
-    """model/: the backbone's weights with its build arguments, the preprocessing, the headline metrics and
-    the operating thresholds (xraycls.inference.bundle), enough for `xraycls predict` alone."""
+    """model/: the backbone's weights with its build arguments, the preprocessing, the headline metrics,
+    the operating thresholds (xraycls.inference.bundle), the split and loss weights it was trained and
+    scored with and its temperatures if fitted: enough for `xraycls predict` and `xraycls evaluate` alone."""
     hp, dhp = model.hparams, datamodule.hparams
     kwargs = {
         "num_classes": NUM_LABELS,
@@ -61,5 +100,19 @@ def export_model(run_dir: Path, model: XrayClassifier, datamodule: Any, summary:
         backbone_kwargs={k: v for k, v in kwargs.items() if v is not None},
         preprocessing=preprocessing,
         metrics=headline_metrics(summary["metrics"]),
-        extra={"thresholds": summary.get("thresholds")},
+        extra=_extra(model, dhp, summary),
     )
+
+
+def _extra(model: XrayClassifier, dhp: Any, summary: dict) -> dict[str, Any]:
+    pos_weight = getattr(model, "pos_weight", None)
+    extra: dict[str, Any] = {
+        "thresholds": summary.get("thresholds"),
+        # `xraycls evaluate` rebuilds this split by default and scores the loss with these weights.
+        "data": {key: dhp.get(key) for key in ("split", "split_seed", "val_fraction", "test_fraction")},
+        "loss": {"pos_weight": None if pos_weight is None else [float(w) for w in pos_weight.tolist()]},
+    }
+    calibration = summary.get("calibration")
+    if calibration is not None:
+        extra[CALIBRATION_KEY] = {k: calibration[k] for k in ("method", "temperatures", "fitted_on")}
+    return extra

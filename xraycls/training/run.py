@@ -7,7 +7,7 @@ the best checkpoint, gathered over every rank; `export` writes the model bundle,
 configs; every part comes from `hydra.utils.instantiate`, so each works without Hydra too.
 
 Run directory (`paths.output_dir`): summary.json, metrics.csv, checkpoints/{best-*,last}.ckpt, model/,
-plots/*.png, config.yaml (the resolved config).
+plots/*.png, predictions_test.csv, config.yaml (the resolved config).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from xraycls.findings import LABELS
 from xraycls.hardware.plan import HardwarePlan
 from xraycls.model.checkpoint import open_checkpoint
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
-from xraycls.training.artifacts import export_model, write_plots
+from xraycls.training.artifacts import export_model, gathered_test_ids, write_plots, write_test_predictions
 from xraycls.training.callbacks import best_checkpoint_callback, instantiate_callbacks
 from xraycls.training.config import (
     find_resume_checkpoint,
@@ -47,7 +47,15 @@ from xraycls.training.settings import (
     set_aside,
     setting_errors,
 )
-from xraycls.training.summary import SUMMARY_NAME, collect_versions, metrics_block, run_thresholds
+from xraycls.training.summary import (
+    SUMMARY_NAME,
+    calibration_block,
+    ci_block,
+    collect_versions,
+    eval_settings,
+    metrics_block,
+    run_thresholds,
+)
 from xraycls.training.timing import RunTimer
 
 __all__ = [
@@ -130,6 +138,7 @@ def build(cfg: DictConfig) -> TrainingRun:
     run_dir = Path(cfg.paths.output_dir)
     with setting_errors():  # anything wrong here is a setting or an input: one line, no work done
         thresholds = threshold_settings(cfg)
+        eval_settings(cfg)
         plan = hardware_plan(cfg)
         hardware_args = hardware_arguments(cfg, plan)
         check_model_source(cfg)
@@ -229,6 +238,14 @@ def summarise(run: TrainingRun, evaluation: Evaluation) -> dict[str, Any]:
         "shuffled_train_labels": bool(cfg.get("shuffle_train_labels")),
     }
     summary["thresholds"] = run_thresholds(evaluation.val_outputs, run.thresholds, split_name)
+    if run.trainer.is_global_zero:  # what only rank 0 writes: intervals and temperatures
+        settings = eval_settings(cfg)
+        if summary["metrics"]["test"] is not None:
+            _images, patients = gathered_test_ids(datamodule, run.trainer.world_size)
+            summary["metrics"]["test"]["ci"] = ci_block(evaluation.test_outputs, patients, settings)
+        summary["calibration"] = calibration_block(
+            evaluation.val_outputs, evaluation.test_outputs, settings, split_name
+        )
     timer = next(cb for cb in run.trainer.callbacks if isinstance(cb, RunTimer))  # instantiate_callbacks
     summary.update(timer.as_dict())
     # Download, extraction and cache seconds come from their reports: paid once per dataset, not per run.
@@ -249,6 +266,12 @@ def export(run: TrainingRun, model: XrayClassifier, evaluation: Evaluation, summ
         summary["model_dir"] = str(export_model(run.run_dir, model, run.datamodule, summary))
     if run.cfg.get("plots"):
         summary["plots"] = write_plots(run.run_dir, evaluation.test_outputs, run.datamodule)
+    if evaluation.test_outputs is not None:
+        ids = gathered_test_ids(run.datamodule, run.trainer.world_size)
+        split = run.datamodule.data_summary()["split"]
+        summary["predictions_test"] = str(
+            write_test_predictions(run.run_dir, evaluation.test_outputs, ids, split)
+        )
     summary["timing"]["total"] = time.perf_counter() - run.started
     for logger in run.trainer.loggers:  # e.g. wandb_run_id: a sweep's record links each trial to its run
         if hasattr(logger, "summary_entries"):

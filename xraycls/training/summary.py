@@ -1,6 +1,6 @@
 """Pieces of a run's summary.json (DESIGN.md's contract): software versions, metric blocks, the operating
-thresholds chosen on validation, the headline metrics a model bundle carries. Written by
-`xraycls.files.write_json`.
+thresholds chosen on validation, the test intervals and calibration (`eval` settings), the headline metrics
+a model bundle carries. Written by `xraycls.files.write_json`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from xraycls.evaluation.bootstrap import confidence_intervals
+from xraycls.evaluation.calibration import calibration_summary, fit_temperatures
+from xraycls.inference.calibration import logits_from_probabilities
 from xraycls.inference.thresholds import choose_thresholds
 
-__all__ = ["SUMMARY_NAME", "collect_versions", "metrics_block", "run_thresholds", "headline_metrics"]
+__all__ = [
+    "SUMMARY_NAME",
+    "collect_versions",
+    "metrics_block",
+    "run_thresholds",
+    "headline_metrics",
+    "eval_settings",
+    "ci_block",
+    "calibration_block",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +105,69 @@ def headline_metrics(metrics: dict[str, dict | None]) -> dict[str, dict]:
         for part, block in metrics.items()
         if block
     }
+
+
+def eval_settings(cfg: Any) -> dict[str, Any]:
+    """The ``eval`` node checked: {"bootstrap": int >= 0, "seed": int, "temperature_scaling": bool}."""
+    node = cfg.get("eval") or {}
+    settings = {
+        "bootstrap": node.get("bootstrap", 2000),
+        "seed": node.get("seed", 0),
+        "temperature_scaling": node.get("temperature_scaling", False),
+    }
+    for key in ("bootstrap", "seed"):
+        if isinstance(settings[key], bool) or not isinstance(settings[key], int):
+            raise ValueError(f"eval.{key} must be an integer, got {settings[key]!r}")
+    if settings["bootstrap"] < 0:
+        raise ValueError(f"eval.bootstrap must be >= 0 (0 skips the intervals), got {settings['bootstrap']}")
+    if not isinstance(settings["temperature_scaling"], bool):
+        raise ValueError(
+            f"eval.temperature_scaling must be true or false, got {settings['temperature_scaling']!r}"
+        )
+    return settings
+
+
+def ci_block(
+    outputs: tuple[np.ndarray, np.ndarray] | None, patients: np.ndarray | None, settings: dict[str, Any]
+) -> dict | None:
+    """The ``ci`` block of ``metrics.test`` (patient bootstrap) from the test probabilities; None if skipped.
+
+    The probabilities (float32 sigmoid) are turned back into logits: ranks are those of the logits, except
+    where float32 saturates to 0 or 1.
+    """
+    if outputs is None or settings["bootstrap"] == 0:
+        return None
+    probs, labels = outputs
+    return confidence_intervals(
+        logits_from_probabilities(probs),
+        labels,
+        patients,
+        resamples=settings["bootstrap"],
+        seed=settings["seed"],
+    )
+
+
+def calibration_block(
+    val_outputs: tuple[np.ndarray, np.ndarray] | None,
+    test_outputs: tuple[np.ndarray, np.ndarray] | None,
+    settings: dict[str, Any],
+    split: str,
+) -> dict | None:
+    """With ``eval.temperature_scaling``: temperatures fitted on validation, test ECE before and after."""
+    if not settings["temperature_scaling"]:
+        return None
+    if val_outputs is None:
+        log.warning("eval.temperature_scaling: no validation outputs, no temperatures are fitted")
+        return None
+    val_probs, val_labels = val_outputs
+    temperatures = fit_temperatures(logits_from_probabilities(val_probs), val_labels)
+    block: dict[str, Any] = {
+        "method": "temperature",
+        "temperatures": temperatures,
+        "fitted_on": {"stage": "val", "split": split},
+    }
+    if test_outputs is not None:
+        test = calibration_summary(test_outputs[0], test_outputs[1], temperatures)
+        block.update(bins=test["bins"], rule=test["rule"], ece_test=test["ece"],
+                     ece_test_calibrated=test["ece_calibrated"])  # fmt: skip
+    return block
