@@ -137,12 +137,20 @@ def test_exported_model_reproduces_the_checkpoints_probabilities(
 
 @pytest.mark.slow
 def test_shuffled_training_labels_learn_nothing(data_dir: Path, tmp_path: Path) -> None:
+    # The final epoch, not the best by validation: choosing among 40 epochs on validation's TRUE labels picks
+    # the model whose chance associations best match them, which lifted this control's test auroc_macro14 to
+    # 0.609 (1 thread; 0.535 on 2). Without the choice: 0.521 and 0.543 (experiments/results/
+    # shuffled_control_2026-12-01.md).
     overrides = demo_overrides(
-        data_dir, "shuffle_train_labels=true", "plots=false", "trainer.enable_progress_bar=false"
+        data_dir,
+        "shuffle_train_labels=true",
+        "plots=false",
+        "trainer.enable_progress_bar=false",
+        "callbacks.model_checkpoint.monitor=null",
     )
     cfg = compose_cfg(overrides, tmp_path)
     summary = run_training(cfg)
-    assert summary["shuffled_train_labels"] is True
+    assert summary["shuffled_train_labels"] is True and summary["best_checkpoint"] is None
     assert abs(summary["metrics"]["test"]["auroc_macro14"] - 0.5) < 0.1, summary["metrics"]["test"]
 
 
