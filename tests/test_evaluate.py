@@ -184,3 +184,14 @@ def test_evaluate_reproduces_the_demo_runs_test_metrics(
     assert (run_dir / "model" / "config.json").is_file()
     extra = json.loads((run_dir / "model" / "config.json").read_text())["extra"]
     assert extra["data"]["split"] == "official" and "pos_weight" in extra["loss"]
+
+
+def test_the_split_is_rebuilt_with_the_runs_row_order() -> None:
+    """seed_reproduction permutes the images in file-name order: evaluate must rebuild that same split."""
+    from xraycls.evaluation.data import split_settings
+
+    trained = {"extra": {"data": {"split": "seed_random", "split_seed": 1337, "split_row_order": "file_name"}}}
+    own = split_settings(trained)
+    assert (own.name, own.seed, own.row_order) == ("seed_random", 1337, "file_name")
+    other = split_settings(trained, split="official")
+    assert (other.name, other.row_order) == ("official", "label_file")

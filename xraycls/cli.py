@@ -206,11 +206,7 @@ def _predict(args: argparse.Namespace) -> int:
         labels_file=Path(args.labels) if args.labels else None,
         heatmaps_dir=Path(args.heatmaps) if args.heatmaps else None,
         finding=args.finding,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=not args.quiet,
-        calibrated=args.calibrated,
+        **_inference_options(args),
     )
     # Without --out the CSV goes to stdout, so everything else goes to stderr.
     report = sys.stdout if args.out else sys.stderr
@@ -289,11 +285,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         part=args.part,
         bootstrap=args.bootstrap,
         seed=args.seed,
-        device=args.device,
-        calibrated=args.calibrated,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=not args.quiet,
+        **_inference_options(args),
     )
     ci = result["ci"] or {}
     interval = ci.get("auroc_macro14") or [None, None]
@@ -331,6 +323,28 @@ def _compare(args: argparse.Namespace) -> int:
     print(written["markdown"].read_text(encoding="utf-8"))
     print("wrote: " + ", ".join(str(path) for path in written.values()))
     return 0
+
+
+def _add_inference_arguments(
+    p: argparse.ArgumentParser, *, batch_size: int, workers: int, workers_help: str
+) -> None:
+    """What running a bundle takes, for predict and evaluate alike: device, batching, calibration, bar."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=workers, help=workers_help)
+    p.add_argument("--calibrated", action="store_true", help="apply the model's stored temperatures")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _inference_options(args: argparse.Namespace) -> dict:
+    """The keywords `_add_inference_arguments` gives predict and evaluate, for their library functions."""
+    return {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "progress": not args.quiet,
+        "calibrated": args.calibrated,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,11 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--heatmaps", default=None, help="folder for HiResCAM overlays, one per image and flagged finding"
     )
     p.add_argument("--finding", default=None, help="with --heatmaps: draw this finding for every image")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="threads reading image files")
-    p.add_argument("--calibrated", action="store_true", help="apply the model's stored temperatures")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_inference_arguments(p, batch_size=32, workers=2, workers_help="threads reading image files")
 
     p = sub.add_parser(
         "export",
@@ -477,12 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", type=int, default=2000, help="patient resamples for the intervals (0: none)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the resamples")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--calibrated", action="store_true", help="apply the model's stored temperatures")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    _add_inference_arguments(p, batch_size=64, workers=0, workers_help="DataLoader worker processes")
     p.add_argument("--out", default="evaluation", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser(
         "compare", help="runs or evaluate outputs side by side, paired tests on the same images"

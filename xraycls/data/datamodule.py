@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xraycls.data.cache import cache_array_path, cache_is_complete, open_cache, prepare_cache
 from xraycls.data.datasets import CachedXrayDataset, EpochSeededSampler, PngXrayDataset
-from xraycls.data.labels import find_label_file, read_label_file
+from xraycls.data.labels import find_label_file
 from xraycls.data.splits import (
     PARTS,
     ROW_ORDERS,
     SPLIT_NAMES,
     SplitAssignment,
-    attach_official_split,
-    build_split,
+    SplitSettings,
+    labelled_images,
 )
 from xraycls.data.transforms import DeviceNormalize, build_eval_transform, build_train_transform
 from xraycls.findings import LABELS
@@ -195,17 +195,15 @@ class NIHDataModule(L.LightningDataModule):
                 f"{self.per_device_batch}; with drop_last there would be no training step (lower batch_size)"
             )
 
+    def split_settings(self) -> SplitSettings:
+        """The split this DataModule builds, as `build_split` takes it."""
+        hp = self.hparams
+        return SplitSettings(hp.split, hp.split_seed, hp.val_fraction, hp.test_fraction, hp.split_row_order)
+
     def _build_datasets(self) -> None:
         hp = self.hparams
         table, make = self._cache_source() if hp.source == "cache" else self._png_source()
-        assignment = build_split(
-            table,
-            hp.split,
-            seed=hp.split_seed,
-            val_fraction=hp.val_fraction,
-            test_fraction=hp.test_fraction,
-            row_order=hp.split_row_order,
-        )
+        assignment = self.split_settings().build(table)
         labels = table[list(LABELS)].to_numpy(dtype=np.float32)
         for part in PARTS:
             rows = np.asarray(assignment.indices(part), dtype=np.int64)
@@ -237,21 +235,8 @@ class NIHDataModule(L.LightningDataModule):
 
     def _png_source(self) -> tuple[pd.DataFrame, Any]:
         hp = self.hparams
-        root = Path(hp.root)
-        table = attach_official_split(read_label_file(find_label_file(root)), root)
-        image_dir = root / "images"
-        present = np.array([(image_dir / name).is_file() for name in table["image"]], dtype=bool)
-        if not present.any():
-            raise FileNotFoundError(f"none of the {len(table)} labelled images is in {image_dir}")
-        if not present.all():
-            log.warning(
-                "%d of %d labelled images are missing from %s and left out (e.g. %s)",
-                int((~present).sum()),
-                len(table),
-                image_dir,
-                table["image"][~present].iloc[0],
-            )
-        table = table[present].reset_index(drop=True)
+        image_dir = Path(hp.root) / "images"
+        table = labelled_images(Path(hp.root))
         names = table["image"].tolist()
 
         def make(rows: np.ndarray, labels: np.ndarray, transform: Any) -> Dataset:

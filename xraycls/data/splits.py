@@ -26,6 +26,8 @@ import pandas as pd
 from xraycls.findings import LABELS
 
 __all__ = [
+    "SplitSettings",
+    "labelled_images",
     "PARTS",
     "ROW_ORDERS",
     "SPLIT_NAMES",
@@ -190,6 +192,28 @@ def _cut_patients(
     return np.split(order, cuts)[: len(fractions)]
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """`build_split`'s arguments: which split, its seed, held-out fractions (None: the split's default) and
+    the row order seed_random permutes; `build(table)` applies them."""
+
+    name: str = "official"
+    seed: int = 0
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    row_order: str = "label_file"
+
+    def build(self, table: pd.DataFrame) -> SplitAssignment:
+        return build_split(
+            table,
+            self.name,
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            row_order=self.row_order,
+        )
+
+
 def build_split(
     table: pd.DataFrame,
     name: str,
@@ -287,3 +311,25 @@ def _seed_random(
         leaked,
     )
     return SplitAssignment(name="seed_random", part=part, leaked_patients=leaked, test_is_val=True)
+
+
+def labelled_images(root: Path) -> pd.DataFrame:
+    """ROOT's label file with `split_official` attached, kept to the rows whose PNG is in ROOT/images (a
+    partial download is normal: the missing ones are logged). Raises FileNotFoundError when none is there."""
+    from xraycls.data.labels import find_label_file, read_label_file
+
+    root = Path(root)
+    table = attach_official_split(read_label_file(find_label_file(root)), root)
+    image_dir = root / "images"
+    present = np.array([(image_dir / name).is_file() for name in table["image"]], dtype=bool)
+    if not present.any():
+        raise FileNotFoundError(f"none of the {len(table)} labelled images is in {image_dir}")
+    if not present.all():
+        log.warning(
+            "%d of %d labelled images are missing from %s and left out (e.g. %s)",
+            int((~present).sum()),
+            len(table),
+            image_dir,
+            table["image"][~present].iloc[0],
+        )
+    return table[present].reset_index(drop=True)

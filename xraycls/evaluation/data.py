@@ -21,24 +21,13 @@ from torch.utils.data import Dataset
 
 from xraycls.data.cache import cache_array_path, open_cache
 from xraycls.data.datasets import CachedXrayDataset, PngXrayDataset
-from xraycls.data.labels import find_label_file, read_label_file
-from xraycls.data.splits import PARTS, SPLIT_NAMES, attach_official_split, build_split
+from xraycls.data.splits import PARTS, SPLIT_NAMES, SplitSettings, labelled_images
 from xraycls.data.transforms import build_eval_transform
 from xraycls.findings import LABELS
 
 __all__ = ["SplitSettings", "EvalSet", "split_settings", "check_labels", "load_eval_set"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SplitSettings:
-    """`build_split`'s arguments: which split, its seed and held-out fractions (None: the split's default)."""
-
-    name: str = "official"
-    seed: int = 0
-    val_fraction: float | None = None
-    test_fraction: float | None = None
 
 
 @dataclass
@@ -78,6 +67,8 @@ def split_settings(
         test_fraction=(
             test_fraction if test_fraction is not None else (trained.get("test_fraction") if same else None)
         ),
+        # the split is rebuilt as the run built it: seed_reproduction permutes the images in file-name order
+        row_order=str(trained.get("split_row_order") or "label_file") if same else "label_file",
     )
 
 
@@ -118,14 +109,10 @@ def _open_cache_table(cache_dir: Path, size: int) -> pd.DataFrame:
 def _png_table(root: Path) -> pd.DataFrame:
     if not root.is_dir():
         raise FileNotFoundError(f"--root {root}: no such folder")
-    table = attach_official_split(read_label_file(find_label_file(root)), root)
-    image_dir = root / "images"
-    present = np.array([(image_dir / name).is_file() for name in table["image"]], dtype=bool)
-    if not present.any():
-        raise FileNotFoundError(f"--root {root}: none of the {len(table)} labelled images is in {image_dir}")
-    if not present.all():
-        log.warning("%d labelled images are missing from %s and left out", int((~present).sum()), image_dir)
-    return table[present].reset_index(drop=True)
+    try:
+        return labelled_images(root)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--root {root}: {error}") from None
 
 
 def load_eval_set(
@@ -152,13 +139,7 @@ def load_eval_set(
         table, source = _png_table(Path(root)), f"png {root}"
     check_labels(bundle_labels, list(table.columns), source)
     try:
-        assignment = build_split(
-            table,
-            split.name,
-            seed=split.seed,
-            val_fraction=split.val_fraction,
-            test_fraction=split.test_fraction,
-        )
+        assignment = split.build(table)
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"split {split.name!r} cannot be built from the {source}: {err}") from err
     rows = np.asarray(assignment.indices(part), dtype=np.int64)

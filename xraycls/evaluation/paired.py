@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import norm, rankdata
@@ -164,25 +165,20 @@ def compare_models(
     logits_b: np.ndarray,
     labels: np.ndarray,
     patients: np.ndarray | None,
-    *,
-    resamples: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-    label_names: Sequence[str] = LABELS,
+    **settings: Any,
 ) -> dict:
-    """`paired_bootstrap` plus ``delong`` {label: `delong_test`}; `labels` and `patients` follow A's rows.
+    """`paired_bootstrap` (its keyword `settings`: resamples, seed, level, label_names) plus ``delong``
+    {label: `delong_test`}; `labels` and `patients` follow A's rows.
 
     B's rows are reordered to A's image order; different image sets raise ValueError (`align_images`).
     """
     logits_b = np.asarray(logits_b)[align_images(ids_a, ids_b)]
-    out = paired_bootstrap(
-        logits_a, logits_b, labels, patients, resamples=resamples, seed=seed, level=level,
-        label_names=label_names,
-    )  # fmt: skip
+    out = paired_bootstrap(logits_a, logits_b, labels, patients, **settings)
+    label_names = settings.get("label_names", LABELS)
     scores_a, _, positive = prepare_inputs(logits_a, labels, label_names)
     scores_b, _, _ = prepare_inputs(logits_b, labels, label_names)
     out["delong"] = {
-        name: delong_test(scores_a[:, j], scores_b[:, j], positive[:, j], level)
+        name: delong_test(scores_a[:, j], scores_b[:, j], positive[:, j], settings.get("level", 0.95))
         for j, name in enumerate(label_names)
     }
     return out

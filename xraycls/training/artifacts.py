@@ -75,6 +75,10 @@ def write_plots(
     return written
 
 
+# The DataModule settings that rebuild its split (`xraycls evaluate` reads them from model/config.json).
+_SPLIT_KEYS = ("split", "split_seed", "split_row_order", "val_fraction", "test_fraction")
+
+
 def export_model(run_dir: Path, model: XrayClassifier, datamodule: Any, summary: dict) -> Path:
     """model/: the backbone's weights with its build arguments, the preprocessing, the headline metrics,
     the operating thresholds (xraycls.inference.bundle), the split and loss weights it was trained and
@@ -109,7 +113,7 @@ def _extra(model: XrayClassifier, dhp: Any, summary: dict) -> dict[str, Any]:
     extra: dict[str, Any] = {
         "thresholds": summary.get("thresholds"),
         # `xraycls evaluate` rebuilds this split by default and scores the loss with these weights.
-        "data": {key: dhp.get(key) for key in ("split", "split_seed", "val_fraction", "test_fraction")},
+        "data": {key: dhp.get(key) for key in _SPLIT_KEYS},
         "loss": {"pos_weight": None if pos_weight is None else [float(w) for w in pos_weight.tolist()]},
     }
     calibration = summary.get("calibration")
