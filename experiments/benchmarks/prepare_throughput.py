@@ -107,7 +107,7 @@ def _markdown(r: dict) -> str:
         f"Prepare throughput per core, {r['date']}",
         [
             f"Machine: {r['cpu']}; one core per method. Data: {r['source']}, to {r['size']} px uint8;"
-            f" {r['rounds']} rounds in rotation. Command: `{' '.join(sys.argv)}`.",
+            f" {r['rounds']} rounds in rotation. Command: `python {' '.join(sys.argv)}`.",
             "",
             *table(header, rows),
             "",
