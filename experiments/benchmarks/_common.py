@@ -1,23 +1,31 @@
-"""What the benchmarks share: the project's Hydra config, the machine, a rate clock, the result file."""
+"""What the benchmarks share: the project's Hydra config, the machine, rate clocks, the result file."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-__all__ = ["PROJECT_ROOT", "RESULTS", "compose_config", "cpu_model", "machine", "rate", "versions", "write"]
+from xraycls.files import write_text
+
+__all__ = [
+    "PROJECT_ROOT", "RESULTS", "NIH_SHARED", "compose_config", "cpu_model", "machine", "versions", "rate",
+    "median", "fmt", "table", "markdown", "write",
+]  # fmt: skip
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = PROJECT_ROOT / "experiments" / "results"
+NIH_SHARED = PROJECT_ROOT.parent / "shared" / "nih"
 sys.path.insert(0, str(PROJECT_ROOT / "tests"))  # test helpers the benchmarks reuse (_nih_sample)
 
 
@@ -66,7 +74,27 @@ def rate(step: Callable[[], Any], seconds: float) -> float:
     return count / elapsed
 
 
+def median(values: Iterable[float | None], digits: int = 4) -> float | None:
+    """The median of the values that are not None, rounded; None when there are none."""
+    kept = [value for value in values if value is not None]
+    return round(statistics.median(kept), digits) if kept else None
+
+
+def fmt(value: Any, pattern: str = "{:,.1f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines; cells as given (str() of each)."""
+    lines = ["| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
+    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def markdown(title: str, lines: Sequence[str], result: dict) -> str:
+    """A result file: the title, `lines` (paragraphs, tables), then the whole result as a JSON block."""
+    return "\n".join([f"# {title}", "", *lines, "", "```json", json.dumps(result, indent=2), "```", ""])
+
+
 def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_text(path, text)
     print(f"wrote {path}")

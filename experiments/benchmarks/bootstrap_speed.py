@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import cpu_model
+from _common import cpu_model
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from xraycls.evaluation.bootstrap import confidence_intervals, resample_counts

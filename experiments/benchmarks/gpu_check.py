@@ -50,15 +50,14 @@ SETTINGS = {
         "synth_images": 6000, "synth_size": 64, "cache_size": 256, "input_size": 224, "batch_size": 256,
         "train_batches": 20, "eval_batches": 4, "predict_images": (500, 6000), "predict_batch": 64,
         "overrides": ["model=vit_b16", "model.compile=true", "hardware=gpu"],
-        "throughput": ["--accelerator", "gpu", "--breakdown-rounds", "1"],
+        "throughput": ["--accelerator", "gpu"],
     },
     "dry": {
         "synth_images": 96, "synth_size": 32, "cache_size": 64, "input_size": 64, "batch_size": 8,
         "train_batches": 3, "eval_batches": 2, "predict_images": (4, 12), "predict_batch": 4,
         "overrides": ["model=vit_tiny", "hardware=cpu", "callbacks.run_timer.warmup_batches=1"],
-        "throughput": ["--accelerator", "cpu", "--steps", "2", "--warmup-steps", "1", "--eval-steps", "2",
-                       "--eval-warmup-steps", "1", "--repeats", "1", "--breakdown-rounds", "1",
-                       "--no-scalar-reads", "--eval-batch-size", "8", "data.batch_size=4"],
+        "throughput": ["--accelerator", "cpu", "--steps", "2", "--warmup-steps", "1", "--repeats", "1",
+                       "data.batch_size=4"],
     },
 }  # fmt: skip
 

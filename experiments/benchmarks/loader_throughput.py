@@ -1,15 +1,10 @@
 """DataModule loading rate: images/s per worker core with the default train augmentations.
 
-Builds a synthetic NIH tree and its cache in a temporary folder (a few thousand images), then measures
-the DataModule of the project's config (`data=nih`: cache 256 px, input 224, its train augmentations):
-
-1. `transform`: the train transform alone on cache images, in this process (OpenCV default threads, and 1);
-2. `dataset`: the train dataset's `__getitem__` in this process, random order (memmap read + transform);
-3. `loader`: `train_dataloader()` with 1..W workers, batch 64, after a warm-up of a few batches (worker
-   start-up excluded), as images/s and images/s per worker.
-
-Writes `experiments/results/loader_throughput.json` with the machine (lscpu model, cores, load average)
-and the date. Target: >= 1,000 images/s per worker core.
+Over a synthetic NIH tree and its cache in a temporary folder (`--images`), the DataModule of the project's
+config (`data=nih`: cache 256 px, input 224, its train augmentations): the train transform alone and the
+dataset's `__getitem__` (random order) in this process, then `train_dataloader()` with each `--workers`
+count, batch 64, after a warm-up of a few batches (worker start-up excluded). Target: >= 1,000 images/s
+per worker core. Writes `experiments/results/loader_throughput.json` (machine, load average, date).
 
     python experiments/benchmarks/loader_throughput.py [--images 3000] [--workers 1 2] [--seconds 15]
 """
@@ -42,13 +37,10 @@ TARGET_PER_CORE = 1000.0
 
 def _datamodule(tmp: Path, cache_dir: Path, workers: int, batch_size: int) -> NIHDataModule:
     """The config's NIHDataModule over the benchmark's cache, set up for fit."""
-    overrides = [
-        "data=nih",
-        f"data.cache_dir={cache_dir}",
-        "data.split=patient_random",
-        "data.pin_memory=false",
-    ]
-    cfg = compose_config([*overrides, f"data.num_workers={workers}", f"data.batch_size={batch_size}"], tmp)
+    overrides = [f"data.cache_dir={cache_dir}", "data.split=patient_random", "data.pin_memory=false"]
+    cfg = compose_config(
+        ["data=nih", *overrides, f"data.num_workers={workers}", f"data.batch_size={batch_size}"], tmp
+    )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     return datamodule
@@ -58,8 +50,7 @@ def _per_process(datamodule: NIHDataModule, seconds: float) -> dict:
     """Single-process rates: the transform alone (OpenCV default threads, then 1) and the dataset item."""
     array, _index = open_cache(datamodule.hparams.cache_dir, datamodule.hparams.image_size)
     images, transform = np.array(array[:64]), datamodule.train_transform
-    default_threads = cv2.getNumThreads()
-    results = {}
+    default_threads, results = cv2.getNumThreads(), {}
     for threads in (default_threads, 1):
         cv2.setNumThreads(threads)
         cycle = itertools.cycle(images)
@@ -73,20 +64,18 @@ def _per_process(datamodule: NIHDataModule, seconds: float) -> dict:
 
 
 def _loader(datamodule: NIHDataModule, seconds: float, warmup: int = 3) -> dict:
-    workers, batch_size = datamodule.hparams.num_workers, datamodule.hparams.batch_size
-    images = batches = 0
-    start = None
-    while True:  # epochs repeat until enough time has been measured
-        for batch_index, (batch, _labels) in enumerate(datamodule.train_dataloader()):
+    """Epochs of `train_dataloader()` until `seconds` have been measured, the first `warmup` batches not."""
+    workers, images, batches, start = datamodule.hparams.num_workers, 0, 0, None
+    while True:
+        for index, (batch, _labels) in enumerate(datamodule.train_dataloader()):
             if start is None:
-                if batch_index + 1 >= warmup:
-                    start = time.perf_counter()
+                start = time.perf_counter() if index + 1 >= warmup else None
                 continue
             images, batches = images + batch.shape[0], batches + 1
             if (elapsed := time.perf_counter() - start) >= seconds:
                 return {
                     "workers": workers,
-                    "batch_size": batch_size,
+                    "batch_size": datamodule.hparams.batch_size,
                     "batches": batches,
                     "seconds": round(elapsed, 2),
                     "images_per_s": round(images / elapsed, 1),
@@ -107,7 +96,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="xraycls-loader-") as tmp:
         root, cache_dir = Path(tmp) / "raw", Path(tmp) / "cache"
-        data_cfg = compose_config(["data=nih"], tmp).data
+        data_cfg = compose_config([], tmp).data
         start = time.perf_counter()
         make_synthetic_nih(
             root, args.images, size=data_cfg.image_size, seed=0, min_prevalence=0.05, workers=cores

@@ -1,27 +1,21 @@
 """Prepare throughput per core on the real NIH sample (100 PNGs, 1024 x 1024) against a plain PIL loop.
 
-Both sides do the same job, file -> 8-bit gray S x S array (S = the config's `data.image_size`, 256), one
-core each, in the same run:
+The same job, file -> 8-bit gray S x S array (S = the config's `data.image_size`), one core each (OpenCV
+held to 1 thread), files in the page cache: plain PIL (`convert("L").resize(..., Image.BOX)`, area
+averaging), `load_xray` (the project's decoding rule alone) and `prepare_cache(workers=1)` (the whole
+`xraycls prepare`: labels, chunk files, assembly). `--rounds` rounds in rotation; the best round counts
+(least disturbed by other work on a shared machine), the median is reported too. Target: prepare >= 1.2x
+plain PIL. Writes `prepare_throughput_<date>.md` (table, machine, JSON) into `--out`.
 
-- plain PIL: `Image.open(path).convert("L").resize((S, S), Image.BOX)` (area averaging) -> numpy;
-- `load_xray`: the project's decoding rule alone (OpenCV, INTER_AREA);
-- `prepare_cache(workers=1)`: the whole `xraycls prepare` (label parsing, chunk files, assembly included).
-
-Files are read once first so that every timing comes from the page cache. Each method runs `--rounds`
-times in rotation; the best round counts (least disturbed by other work on a shared machine), the
-median is reported too. OpenCV is held to one thread so that "per core" means one core.
-Target: prepare >= 1.2x plain PIL.
-
-Run: `python experiments/benchmarks/prepare_throughput.py [--rounds 15] [--out experiments/results]`.
-Writes `prepare_throughput_<date>.md` (table, machine, JSON) into `--out`.
+    python experiments/benchmarks/prepare_throughput.py [--rounds 15] [--out experiments/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +23,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import PIL
-from _common import PROJECT_ROOT, RESULTS, compose_config, cpu_model, versions, write
+from _common import (
+    NIH_SHARED,
+    RESULTS,
+    compose_config,
+    cpu_model,
+    markdown,
+    median,
+    table,
+    versions,
+    write,
+)
 from _nih_sample import link_shared_sample
 from PIL import Image
 
 from xraycls.data.cache import prepare_cache
 from xraycls.data.images import load_xray
 
-NIH_SHARED = PROJECT_ROOT.parent / "shared" / "nih"
 TARGET = 1.2
 
 
@@ -74,8 +77,8 @@ def run(rounds: int, size: int) -> dict:
                 start = time.perf_counter()
                 job(round_number)
                 seconds[method].append(time.perf_counter() - start)
-    rates = {method: round(len(paths) / min(times), 1) for method, times in seconds.items()}
-    medians = {method: round(len(paths) / float(np.median(times)), 1) for method, times in seconds.items()}
+    best = {method: round(len(paths) / min(times), 1) for method, times in seconds.items()}
+    medians = {method: round(len(paths) / median(times, 6), 1) for method, times in seconds.items()}
     return {
         "date": dt.date.today().isoformat(),
         "cpu": cpu_model(),
@@ -84,36 +87,34 @@ def run(rounds: int, size: int) -> dict:
         "source": "NIH ChestX-ray14 sample, 1024x1024 PNG (97 L, 3 RGBA)",
         "size": size,
         "rounds": rounds,
-        "images_per_s_per_core": rates,
+        "images_per_s_per_core": best,
         "median_images_per_s_per_core": medians,
-        "prepare_vs_pil": round(rates["prepare_workers_1"] / rates["plain_pil"], 2),
-        "load_xray_vs_pil": round(rates["load_xray"] / rates["plain_pil"], 2),
+        "prepare_vs_pil": round(best["prepare_workers_1"] / best["plain_pil"], 2),
+        "load_xray_vs_pil": round(best["load_xray"] / best["plain_pil"], 2),
         "prepare_vs_pil_medians": round(medians["prepare_workers_1"] / medians["plain_pil"], 2),
         "target": TARGET,
         "versions": versions(cv2, PIL, np),
     }
 
 
-def _markdown(result: dict) -> str:
-    best, median = result["images_per_s_per_core"], result["median_images_per_s_per_core"]
-    met = "met" if result["prepare_vs_pil"] >= result["target"] else "NOT met"
-    rows = "\n".join(
-        f"| {name} | {best[name]:.1f} | {best[name] / best['plain_pil']:.2f}x "
-        f"| {median[name]:.1f} | {median[name] / median['plain_pil']:.2f}x |"
-        for name in best
-    )
-    return (
-        f"# Prepare throughput per core, {result['date']}\n\n"
-        f"Machine: {result['cpu']} (`lscpu` model name; a 2-core VM shared with other work), one core per\n"
-        f"method, OpenCV held to 1 thread. Data: {result['source']}, to {result['size']}x{result['size']}\n"
-        f"uint8; {result['rounds']} rounds in rotation. Command: "
-        "`python experiments/benchmarks/prepare_throughput.py`.\n\n"
-        "| method | best images/s per core | vs plain PIL | median images/s | vs plain PIL |\n"
-        "| --- | --- | --- | --- | --- |\n"
-        f"{rows}\n\n"
-        f"Target prepare >= {result['target']}x plain PIL (best rounds): **{met}** "
-        f"({result['prepare_vs_pil']}x; medians {result['prepare_vs_pil_medians']}x).\n\n"
-        f"```json\n{json.dumps(result, indent=2)}\n```\n"
+def _markdown(r: dict) -> str:
+    best, med = r["images_per_s_per_core"], r["median_images_per_s_per_core"]
+    rows = [[name, best[name], f"{best[name] / best['plain_pil']:.2f}x", med[name],
+             f"{med[name] / med['plain_pil']:.2f}x"] for name in best]  # fmt: skip
+    header = ["method", "best images/s per core", "vs plain PIL", "median images/s", "vs plain PIL"]
+    met = "met" if r["prepare_vs_pil"] >= r["target"] else "NOT met"
+    return markdown(
+        f"Prepare throughput per core, {r['date']}",
+        [
+            f"Machine: {r['cpu']}; one core per method. Data: {r['source']}, to {r['size']} px uint8;"
+            f" {r['rounds']} rounds in rotation. Command: `python {' '.join(sys.argv)}`.",
+            "",
+            *table(header, rows),
+            "",
+            f"Target prepare >= {r['target']}x plain PIL (best rounds): **{met}** ({r['prepare_vs_pil']}x;"
+            f" medians {r['prepare_vs_pil_medians']}x).",
+        ],
+        r,
     )
 
 
