@@ -95,6 +95,26 @@ def tiny_backbone_kwargs() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: str, tiny_backbone_kwargs: dict[str, Any]
+) -> Path:
+    """model/ of a randomly initialised tiny ViT (nothing trained): for tests of what reads a bundle."""
+    from xraycls.findings import NUM_LABELS
+    from xraycls.inference.bundle import export_bundle, make_preprocessing
+    from xraycls.model.backbone import create_backbone
+
+    kwargs = {"num_classes": NUM_LABELS, **tiny_backbone_kwargs}
+    size = int(kwargs["img_size"])
+    return export_bundle(
+        create_backbone(tiny_backbone, weights="none", **kwargs),
+        tmp_path_factory.mktemp("tiny_bundle") / "model",
+        backbone_name=tiny_backbone,
+        backbone_kwargs=kwargs,
+        preprocessing=make_preprocessing(size, size),
+    )
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """paths.data_dir holding demo/raw: the synthetic set `make demo` makes."""
     from xraycls.data.synthetic import make_synthetic_nih

@@ -228,30 +228,20 @@ def test_export_checks_its_arguments(
     tmp_path: Path, build_backbone: Callable[..., torch.nn.Module], kwargs: dict, tiny_backbone: str
 ) -> None:
     model = build_backbone()
-    with pytest.raises(ValueError, match=r"do not rebuild the exported 'test_vit'.*pos_embed"):
-        export_bundle(
-            model,
-            tmp_path / "a",
-            backbone_name=tiny_backbone,
-            backbone_kwargs={**kwargs, "img_size": 32},
-            preprocessing=PREP,
-        )
-    with pytest.raises(ValueError, match=r"num_classes must be 15"):
-        export_bundle(
-            model,
-            tmp_path / "a",
-            backbone_name=tiny_backbone,
-            backbone_kwargs={**kwargs, "num_classes": 14},
-            preprocessing=PREP,
-        )
-    with pytest.raises(ValueError, match=r"preprocessing lacks \['std'\]"):
-        export_bundle(
-            model,
-            tmp_path / "a",
-            backbone_name=tiny_backbone,
-            backbone_kwargs=kwargs,
-            preprocessing={k: v for k, v in PREP.items() if k != "std"},
-        )
+    without_std = {k: v for k, v in PREP.items() if k != "std"}
+    for backbone_kwargs, preprocessing, message in (
+        ({**kwargs, "img_size": 32}, PREP, r"do not rebuild the exported 'test_vit'.*pos_embed"),
+        ({**kwargs, "num_classes": 14}, PREP, r"num_classes must be 15"),
+        (kwargs, without_std, r"preprocessing lacks \['std'\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            export_bundle(
+                model,
+                tmp_path / "a",
+                backbone_name=tiny_backbone,
+                backbone_kwargs=backbone_kwargs,
+                preprocessing=preprocessing,
+            )
     assert not (tmp_path / "a").exists()
 
 

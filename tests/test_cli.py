@@ -14,7 +14,7 @@ import pytest
 from _project import PROJECT_ROOT
 
 from xraycls.cli import main
-from xraycls.findings import LABELS, NUM_LABELS
+from xraycls.findings import LABELS
 from xraycls.hardware.ipu import IPUUnavailableError
 from xraycls.hardware.plan import PlanError
 from xraycls.model.checkpoint import CheckpointError
@@ -117,30 +117,17 @@ def test_errors_are_one_line_with_the_documented_exit_status(
 
 # -------------------------------------------------------------------- output locations before any work
 @pytest.fixture(scope="module")
-def tiny_bundle(
-    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: str, tiny_backbone_kwargs: dict
-) -> tuple[Path, Path]:
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bundle_dir: Path) -> tuple[Path, Path]:
     """(model bundle, one PNG it can predict): a random tiny ViT, nothing trained."""
     import cv2
     import numpy as np
 
-    from xraycls.inference.bundle import export_bundle, make_preprocessing
-    from xraycls.model.backbone import create_backbone
+    from xraycls.inference.bundle import load_bundle
 
-    base = tmp_path_factory.mktemp("bundle")
-    kwargs = {"num_classes": NUM_LABELS, **tiny_backbone_kwargs}
-    size = int(kwargs["img_size"])
-    model = create_backbone(tiny_backbone, weights="none", **kwargs)
-    bundle = export_bundle(
-        model,
-        base / "model",
-        backbone_name=tiny_backbone,
-        backbone_kwargs=kwargs,
-        preprocessing=make_preprocessing(size, size),
-    )
-    image = base / "x.png"
+    size = int(load_bundle(tiny_bundle_dir).preprocessing["input_size"])
+    image = tmp_path_factory.mktemp("png") / "x.png"
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8))
-    return bundle, image
+    return tiny_bundle_dir, image
 
 
 def _output_cases(model: Path, image: Path, blocked: Path) -> list[tuple[list[str], str, Path]]:

@@ -65,7 +65,8 @@ def value_to_labels(nih_tree: Path, cache_dir: Path) -> dict[int, np.ndarray]:
     return {value_of[name]: labels[row] for row, name in enumerate(index["image"])}
 
 
-def _datamodule(cache_dir: Path | None, **overrides) -> NIHDataModule:
+def _settings(cache_dir: Path | None, **overrides) -> dict:
+    """The tests' DataModule settings: the small cache, one process, a patient-wise split."""
     settings = {
         "cache_dir": str(cache_dir) if cache_dir else None,
         "image_size": IMAGE,
@@ -74,10 +75,12 @@ def _datamodule(cache_dir: Path | None, **overrides) -> NIHDataModule:
         "num_workers": 0,
         "pin_memory": False,
         "split": "patient_random",
-        "split_seed": 1,
     }
-    settings.update(overrides)
-    datamodule = NIHDataModule(**settings)
+    return {**settings, **overrides}
+
+
+def _datamodule(cache_dir: Path | None, **overrides) -> NIHDataModule:
+    datamodule = NIHDataModule(**_settings(cache_dir, **{"split_seed": 1, **overrides}))
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -141,15 +144,7 @@ def test_per_device_batch_size() -> None:
 
 
 def test_setup_divides_the_global_batch_by_the_trainer_world_size(cache_dir: Path) -> None:
-    datamodule = NIHDataModule(
-        cache_dir=str(cache_dir),
-        image_size=IMAGE,
-        input_size=INPUT,
-        batch_size=BATCH,
-        num_workers=0,
-        pin_memory=False,
-        split="patient_random",
-    )
+    datamodule = NIHDataModule(**_settings(cache_dir))
     datamodule.trainer = SimpleNamespace(world_size=2)  # what a 2-device DDP trainer reports
     datamodule.setup("fit")
     assert datamodule.per_device_batch == BATCH // 2
@@ -163,10 +158,7 @@ def test_setup_divides_the_global_batch_by_the_trainer_world_size(cache_dir: Pat
 def test_under_ddp_the_eval_loaders_shard_without_padding(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    datamodule = NIHDataModule(
-        cache_dir=str(cache_dir), image_size=IMAGE, input_size=INPUT, batch_size=BATCH, num_workers=0,
-        pin_memory=False, split="patient_random",
-    )  # fmt: skip
+    datamodule = NIHDataModule(**_settings(cache_dir))
     datamodule.trainer = SimpleNamespace(world_size=2)
     datamodule.setup("fit")
     assert isinstance(datamodule.val_dataloader().sampler, SequentialSampler)  # no process group
@@ -388,16 +380,7 @@ class _ProbeModule(L.LightningModule):
 def test_trainer_runs_on_after_batch_transfer_before_each_step(
     cache_dir: Path, cpu_trainer: Callable[..., L.Trainer]
 ) -> None:
-    datamodule = NIHDataModule(
-        cache_dir=str(cache_dir),
-        image_size=IMAGE,
-        input_size=INPUT,
-        batch_size=BATCH,
-        num_workers=0,
-        pin_memory=False,
-        split="patient_random",
-        augment={"enabled": False},
-    )
+    datamodule = NIHDataModule(**_settings(cache_dir, augment={"enabled": False}))
     module = _ProbeModule()
     trainer = cpu_trainer(
         max_epochs=1,

@@ -190,7 +190,8 @@ def test_the_split_is_rebuilt_with_the_runs_row_order() -> None:
     """seed_reproduction permutes the images in file-name order: evaluate must rebuild that same split."""
     from xraycls.evaluation.data import split_settings
 
-    trained = {"extra": {"data": {"split": "seed_random", "split_seed": 1337, "split_row_order": "file_name"}}}
+    data = {"split": "seed_random", "split_seed": 1337, "split_row_order": "file_name"}
+    trained = {"extra": {"data": data}}
     own = split_settings(trained)
     assert (own.name, own.seed, own.row_order) == ("seed_random", 1337, "file_name")
     other = split_settings(trained, split="official")
