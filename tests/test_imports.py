@@ -33,6 +33,37 @@ def test_inference_and_evaluation_import_no_training_stack() -> None:
     assert result.stdout.strip() == "[]", f"xraycls.inference/evaluation loaded {result.stdout.strip()}"
 
 
+# `xraycls predict` on one PNG with a tiny bundle, through the CLI's own entry; prints the stack it loaded.
+_CLI_PREDICT = """
+import sys
+from pathlib import Path
+import numpy as np, cv2
+from xraycls.findings import NUM_LABELS
+from xraycls.inference.bundle import export_bundle, make_preprocessing
+from xraycls.model.backbone import create_backbone
+out = Path(sys.argv[1])
+kwargs = {"num_classes": NUM_LABELS, "img_size": 64, "patch_size": 16, "global_pool": "avg"}
+model = create_backbone("test_vit", weights="none", **kwargs).eval()
+export_bundle(model, out / "model", backbone_name="test_vit", backbone_kwargs=kwargs,
+              preprocessing=make_preprocessing(image_size=64, input_size=64))
+cv2.imwrite(str(out / "x.png"), np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8))
+from xraycls.cli import main
+code = main(["predict", "--model", str(out / "model"), str(out / "x.png"), "--out", str(out / "p.csv"),
+             "--device", "cpu", "--quiet"])
+print(code, sorted(m for m in sys.argv[2].split(",") if m in sys.modules))
+"""
+
+
+def test_cli_predict_loads_no_training_stack(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", _CLI_PREDICT, str(tmp_path), ",".join(TRAINING_STACK)]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout
+    rows = [line for line in (tmp_path / "p.csv").read_text().splitlines() if not line.startswith("#")]
+    assert len(rows) == 2  # the header and the one image
+
+
 def _modules() -> dict[str, Path]:
     """Every module of the package: dotted name -> source file."""
     found = {"xraycls": Path(xraycls.__file__)}

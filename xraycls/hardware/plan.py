@@ -16,6 +16,9 @@ Batch terms, per optimizer step:
 - `loader_batch`: what `NIHDataModule(batch_size=...)` gets. The DataModule divides it by the Trainer's
   world size; the IPU strategy runs as one process (world size 1) and PopTorch's loader multiplies the
   micro-batch by replicas, accumulation and device iterations itself, so there it is the micro-batch.
+- `cpu_threads`: torch's intra-op threads per process (`resolve_cpu_threads`: `auto` on the CPU takes the
+  cores left after DataLoader workers, no more than are idle when the run starts, because OpenMP threads
+  spin-waiting for a descheduled sibling make a busy machine several times slower than one thread).
 
 Plain keyword arguments in, a frozen dataclass out; no Hydra here. A wrong combination raises
 `PlanError` (a ValueError) naming the setting and the bad value, before any data or weights are touched.
@@ -24,6 +27,7 @@ Plain keyword arguments in, a frozen dataclass out; no Hydra here. A wrong combi
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,9 +36,11 @@ from typing import Any
 __all__ = [
     "HardwarePlan",
     "PlanError",
+    "IDLE_CORE",
     "IPU_PRECISIONS",
     "PLAN_KEYS",
     "plan_from_config",
+    "resolve_cpu_threads",
     "resolve_plan",
     "resolve_precision",
     "trainer_arguments",
@@ -48,6 +54,8 @@ PRECISIONS = ("64-true", "32-true", "16-mixed", "16-true", "bf16-mixed", "bf16-t
 _PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 # What Lightning's IPUPrecision(Plugin) accepts; the IPU has no bf16 arithmetic.
 IPU_PRECISIONS = ("32-true", "16-mixed", "16-true")
+# hardware.cpu_threads=auto: the idle fraction at which a core counts as free for one more thread.
+IDLE_CORE = 0.75
 
 
 class PlanError(ValueError):
@@ -76,6 +84,8 @@ class HardwarePlan:
     loader_batch: int  # the DataModule's batch_size (see module docstring)
     precision: str  # Lightning precision string
     source: str  # where devices/nodes came from: config | torchrun | slurm | cuda
+    cpu_threads: int | None = None  # torch intra-op threads per process; None: torch's default
+    cpu_threads_source: str = "torch"  # auto | config | torch (left to torch's default)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,6 +98,37 @@ def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PlanError(f"hardware.{name} must be a positive int, got {value!r}")
     return value
+
+
+def resolve_cpu_threads(
+    setting: int | str | None,
+    *,
+    accelerator: str,
+    cores: int,
+    idle: float | None = None,
+    workers: int = 0,
+    processes: int = 1,
+) -> tuple[int | None, str]:
+    """(threads, source) for `hardware.cpu_threads`: a positive int is used as given ("config"); `auto` on
+    the CPU ("auto") is the process's share of the `cores` (cores // processes) less its DataLoader `workers`
+    (each runs one thread), and no more than its share of the cores `idle` now, a core counting when at
+    least 3/4 idle (`IDLE_CORE`); at least 1. `auto` on a GPU or IPU leaves torch's default (None, "torch").
+    `idle` None: unknown, taken as all idle.
+
+    Why 3/4, not 1/2: one thread too many beside a busy process made the demo 3-4x slower, one too few on a
+    quiet machine 1.3x (experiments/results/cpu_under_load_*.md). Raises PlanError for anything else than
+    `auto` or a positive int (0, -1, "x", true).
+    """
+    if setting == "auto":
+        if accelerator != "cpu":
+            return None, "torch"
+        share = max(1, cores // max(1, processes) - max(0, workers))
+        if idle is not None:
+            share = min(share, max(1, math.floor(idle / max(1, processes) + 1.0 - IDLE_CORE)))
+        return share, "auto"
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise PlanError(f"hardware.cpu_threads must be 'auto' or a positive int, got {setting!r}")
+    return setting, "config"
 
 
 def resolve_precision(precision: str | int | None, accelerator: str) -> str:
@@ -269,6 +310,10 @@ def resolve_plan(
     model_depth: int | None = None,
     env: Mapping[str, str] | None = None,
     cuda_devices: int | None = None,
+    cpu_threads: int | str = "auto",
+    loader_workers: int = 0,
+    cores: int | None = None,
+    idle_cores: float | None = None,
 ) -> HardwarePlan:
     """Resolve one target into a `HardwarePlan`; raises PlanError (a ValueError) for any bad combination.
 
@@ -276,7 +321,10 @@ def resolve_plan(
     None. `accumulation` is used unless `global_batch` is set, which derives it. `devices`/`nodes` None (DDP)
     come from torchrun (LOCAL_WORLD_SIZE, WORLD_SIZE) or SLURM (SLURM_NTASKS_PER_NODE, SLURM_NNODES) in
     `env` (default os.environ), else the `cuda_devices` visible. IPU (`accelerator="ipu"`) needs `pod_ipus`,
-    `ipus_per_replica` and `layers_per_ipu` summing to `model_depth` (when given).
+    `ipus_per_replica` and `layers_per_ipu` summing to `model_depth` (when given). `cpu_threads`: see
+    `resolve_cpu_threads`, with `loader_workers` (data.num_workers), the `cores` this process may use
+    (default: its affinity mask) and the `idle_cores` now (default None: unknown; `xraycls.hardware.threads`
+    reads them).
     """
     accelerator, cuda_devices = _resolve_accelerator(accelerator, cuda_devices)
     if env is None:
@@ -298,6 +346,18 @@ def resolve_plan(
     micro_batch = _micro_batch(batch_size, micro_batch, place.replicas)
     accumulation = _accumulation(accumulation, global_batch, micro_batch, place.replicas)
     per_step = micro_batch * place.replicas
+    if cores is None:
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads, threads_source = resolve_cpu_threads(
+        cpu_threads,
+        accelerator=accelerator,
+        cores=cores,
+        idle=idle_cores,
+        workers=loader_workers,
+        processes=place.devices if place.strategy == "ddp" else 1,
+    )
     return HardwarePlan(
         name=str(name),
         accelerator=accelerator,
@@ -317,6 +377,8 @@ def resolve_plan(
         loader_batch=micro_batch if on_ipu else per_step,
         precision=resolved_precision,
         source=place.source,
+        cpu_threads=threads,
+        cpu_threads_source=threads_source,
     )
 
 
@@ -350,15 +412,21 @@ PLAN_KEYS = (
     "pod_ipus",
     "ipus_per_replica",
     "layers_per_ipu",
+    "cpu_threads",
 )
 
 
 def plan_from_config(
-    config: Mapping[str, Any], env: Mapping[str, str] | None = None, model_depth: int | None = None
+    config: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    model_depth: int | None = None,
+    cores: int | None = None,
+    idle_cores: float | None = None,
 ) -> HardwarePlan:
     """The plan of a whole resolved run config as plain containers (`hardware`, `data.batch_size`,
-    `trainer.accumulate_grad_batches`). `model_depth`: the transformer blocks an IPU layout must sum to
-    (None: not checked); the caller computes it (`xraycls.model.backbone.backbone_depth`).
+    `data.num_workers`, `trainer.accumulate_grad_batches`). `model_depth`: the transformer blocks an IPU
+    layout must sum to (None: not checked); the caller computes it (`xraycls.model.backbone.backbone_depth`).
+    `cores` / `idle_cores`: the machine for `hardware.cpu_threads=auto` (see `resolve_plan`).
 
     `hardware.accumulation` null means the trainer's `accumulate_grad_batches`. Unknown `hardware` keys
     raise PlanError (a typo must not silently fall back to a default).
@@ -370,10 +438,13 @@ def plan_from_config(
         raise PlanError(f"unknown hardware settings {unknown}; known: {list(PLAN_KEYS)} and ipu")
     if hardware.get("accumulation") is None:
         hardware["accumulation"] = int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1)
-    batch_size = (config.get("data") or {}).get("batch_size", 64)
+    data = config.get("data") or {}
     return resolve_plan(
         **{key: value for key, value in hardware.items() if value is not None or key in ("devices", "nodes")},
-        batch_size=batch_size,
+        batch_size=data.get("batch_size", 64),
+        loader_workers=int(data.get("num_workers") or 0),
         model_depth=model_depth,
         env=env,
+        cores=cores,
+        idle_cores=idle_cores,
     )

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from xraycls.files import write_json, write_text
 from xraycls.findings import LABELS
 from xraycls.hardware.plan import HardwarePlan
+from xraycls.hardware.threads import apply_cpu_threads
 from xraycls.model.checkpoint import open_checkpoint
 from xraycls.model.module import XrayClassifier, pos_weight_from_prevalence
 from xraycls.training.artifacts import export_model, gathered_test_ids, write_plots, write_test_predictions
@@ -160,6 +161,7 @@ def build(cfg: DictConfig) -> TrainingRun:
     if cfg.get("overwrite") and resume is not None and resume.is_relative_to(run_dir):
         resume = None  # overwrite=true starts over: its own last.ckpt is set aside, not resumed
     run_dir.mkdir(parents=True, exist_ok=True)
+    plan = apply_cpu_threads(plan)  # torch's intra-op threads, recorded in summary.json's hardware block
     L.seed_everything(cfg.seed, workers=True)
     run = TrainingRun(cfg, run_dir, plan, datamodule, trainer, thresholds, resume, started, started_at)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
