@@ -518,3 +518,17 @@ def test_each_group_reports_its_coefficient_of_variation_and_warns_above_20_perc
         assert float(csv_row["training_cv"]) == pytest.approx(float(cv[:-1]) / 100)
     (single,) = group_runs([load_run(three_repeats[0])], {})
     assert single.training_cv is None
+
+
+def test_repeats_whose_auto_threads_differ_stay_one_group(tmp_path: Path) -> None:
+    """cpu_threads=auto picks by the load each run met: still repeats of one plan, each run keeps its count."""
+    runs = []
+    for i, threads in enumerate((1, 2, 2)):
+        path = write_run(tmp_path / "runs" / f"r{i}", timing={"total": 100.0 + i})
+        summary = json.loads((path / "summary.json").read_text())
+        summary["hardware"].update(cpu_threads=threads, cpu_threads_source="auto")
+        (path / "summary.json").write_text(json.dumps(summary))
+        runs.append(load_run(path))
+    (group,) = group_runs(runs, {})
+    assert group.stat("training").n == 3
+    assert [run.hardware["cpu_threads"] for run in group.runs] == [1, 2, 2]

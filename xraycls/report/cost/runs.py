@@ -173,6 +173,15 @@ def _backbone(run_dir: Path) -> str | None:
     return str(model.get("backbone")) if isinstance(model, dict) and model.get("backbone") else None
 
 
+# Recorded beside the plan, not part of it: `cpu_threads=auto` picks by the load when each run starts, so
+# repeats on one machine may differ, and they are still repeats of the same work.
+_NOT_PLAN = ("cpu_threads", "cpu_threads_source")
+
+
+def _plan_key(hardware: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in hardware.items() if key not in _NOT_PLAN}
+
+
 def _trained_images(train: int, hardware: dict) -> int:
     """Images one epoch trains on: the loader drops the last partial step (`drop_last`), whose size is the
     plan's `samples_per_host_step` (else micro_batch x replicas; else nothing is dropped)."""
@@ -308,12 +317,12 @@ def group_runs(
             name = chosen[run.run_dir]
             group = groups.setdefault(f"flavor:{name}", CostGroup(name, [], flavors[name]))
         else:
-            plan = json.dumps({**run.hardware, "devices_seen": run.device_names}, sort_keys=True)
+            plan = json.dumps({**_plan_key(run.hardware), "devices_seen": run.device_names}, sort_keys=True)
             group = groups.setdefault(f"plan:{plan}", CostGroup(_plan_label(run), []))
         group.runs.append(run)
     for key, group in groups.items():
         _check_same(group.label, group.runs, "experiments", lambda run: run.identity)
-        _check_same(group.label, group.runs, "hardware plans", lambda run: run.hardware)
+        _check_same(group.label, group.runs, "hardware plans", lambda run: _plan_key(run.hardware))
         if key.startswith("plan:"):
             _price_by_plan(group, flavors)
         else:
