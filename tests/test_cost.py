@@ -521,7 +521,7 @@ def test_each_group_reports_its_coefficient_of_variation_and_warns_above_20_perc
 
 
 def test_repeats_whose_auto_threads_differ_stay_one_group(tmp_path: Path) -> None:
-    """cpu_threads=auto picks by the load each run met: still repeats of one plan, each run keeps its count."""
+    """cpu_threads=auto picks by the load each run met: repeats of one plan; each run keeps its count."""
     runs = []
     for i, threads in enumerate((1, 2, 2)):
         path = write_run(tmp_path / "runs" / f"r{i}", timing={"total": 100.0 + i})
