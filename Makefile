@@ -18,7 +18,7 @@ LEGACY_TESTS := tests/test_legacy_stack.py tests/test_checkpoint_safety.py tests
 	tests/test_backbone.py tests/test_schedule.py tests/test_metrics.py tests/test_datamodule.py \
 	tests/test_transforms.py
 
-.PHONY: demo test test-fast test-legacy lint install install-legacy clean-demo benchmarks
+.PHONY: demo test test-fast test-legacy lint install install-legacy clean-demo benchmarks notebook
 
 # Reinstall only when the dependency list changes; the editable install picks up code changes by itself.
 $(STAMP): pyproject.toml
@@ -69,6 +69,11 @@ benchmarks: $(STAMP)
 	$(PY) experiments/benchmarks/prepare_throughput.py
 	$(PY) experiments/benchmarks/loader_throughput.py
 	$(PY) experiments/benchmarks/train_throughput.py --ablations
+
+# The walkthrough notebook in Jupyter, served on this machine only (127.0.0.1). Notebook 7 asks for a token
+# by default (printed in the URL it shows): keep it, a token-less server runs code for anyone who reaches it.
+notebook: $(STAMP)
+	$(VENV)/bin/jupyter notebook experiments/walkthrough.ipynb --ip=127.0.0.1 --no-browser
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
