@@ -109,7 +109,7 @@ def test_optuna_sweep_continues_its_study_and_records_failed_trials(small_data: 
     assert optuna.load_study(study_name="demo", storage=storage).trials[5].state.name == "FAIL"
     text = write_sweep_report(sweep, tmp_path / "report")["sweep_report.md"].read_text()
     assert (
-        "trial 5: ValueError: optim.lr must be a positive number" in text
+        "trial 5: SettingsError: optim.lr must be a positive number" in text
         and "on the study in optuna.db" in text
     )
 

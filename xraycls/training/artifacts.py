@@ -3,6 +3,7 @@ predictions (predictions_test.csv, `xraycls.evaluation.predictions`: what `xrayc
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,35 @@ __all__ = [
 PREDICTIONS_TEST_NAME = "predictions_test.csv"
 
 
-def gathered_test_ids(datamodule: Any, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(image names, patient ids) of the test part in the order of the gathered test outputs.
+log = logging.getLogger(__name__)
 
-    One process sees the part in order; under DDP each rank r took images r, r + W, ... (the DataModule's
-    unpadded eval sampler) and the gathered outputs are the ranks' shares one after another.
+
+def gathered_test_ids(
+    datamodule: Any, world_size: int = 1, scored: int | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(image names, patient ids) of the test part in the order of the gathered test outputs, or None when
+    they cannot be matched to the `scored` outputs.
+
+    One process sees the part in order, so a pass cut short (`trainer.limit_test_batches`) scored its first
+    `scored` images; under DDP each rank r took images r, r + W, ... (the DataModule's unpadded eval
+    sampler) and the gathered outputs are the ranks' shares one after another, matched only when whole.
     """
     table, assignment = datamodule.table, datamodule.assignment
     rows = np.asarray(assignment.indices("test"), dtype=np.int64)
     order = np.concatenate([np.arange(len(rows))[r::world_size] for r in range(world_size)])
     rows = rows[order]
+    if scored is not None and scored != len(rows):
+        if world_size != 1 or scored > len(rows):
+            log.warning(
+                "%d test outputs for %d test images: no per-image ids, no intervals", scored, len(rows)
+            )
+            return None
+        log.warning(
+            "the test pass scored %d of %d images (limit_test_batches): intervals cover those",
+            scored,
+            len(rows),
+        )
+        rows = rows[:scored]
     return table["image"].to_numpy(dtype=str)[rows], table["patient_id"].to_numpy()[rows]
 
 

@@ -242,9 +242,14 @@ def summarise(run: TrainingRun, evaluation: Evaluation) -> dict[str, Any]:
     summary["thresholds"] = run_thresholds(evaluation.val_outputs, run.thresholds, split_name)
     if run.trainer.is_global_zero:  # what only rank 0 writes: intervals and temperatures
         settings = eval_settings(cfg)
-        if summary["metrics"]["test"] is not None:
-            _images, patients = gathered_test_ids(datamodule, run.trainer.world_size)
-            summary["metrics"]["test"]["ci"] = ci_block(evaluation.test_outputs, patients, settings)
+        outputs = evaluation.test_outputs
+        ids = (
+            None
+            if outputs is None
+            else gathered_test_ids(datamodule, run.trainer.world_size, len(outputs[0]))
+        )
+        if summary["metrics"]["test"] is not None and ids is not None:
+            summary["metrics"]["test"]["ci"] = ci_block(outputs, ids[1], settings)
         summary["calibration"] = calibration_block(
             evaluation.val_outputs, evaluation.test_outputs, settings, split_name
         )
@@ -268,8 +273,13 @@ def export(run: TrainingRun, model: XrayClassifier, evaluation: Evaluation, summ
         summary["model_dir"] = str(export_model(run.run_dir, model, run.datamodule, summary))
     if run.cfg.get("plots"):
         summary["plots"] = write_plots(run.run_dir, evaluation.test_outputs, run.datamodule)
-    if evaluation.test_outputs is not None:
-        ids = gathered_test_ids(run.datamodule, run.trainer.world_size)
+    outputs = evaluation.test_outputs
+    ids = (
+        None
+        if outputs is None
+        else gathered_test_ids(run.datamodule, run.trainer.world_size, len(outputs[0]))
+    )
+    if ids is not None:
         split = run.datamodule.data_summary()["split"]
         summary["predictions_test"] = str(
             write_test_predictions(run.run_dir, evaluation.test_outputs, ids, split)
