@@ -439,12 +439,13 @@ def test_a_real_run_summary_prices_and_extrapolates(demo_run: tuple[Path, dict, 
 
 
 def test_the_committed_worked_example_matches_the_code(tmp_path: Path) -> None:
-    """experiments/cost_study/example_cpu_demo: its three summaries still load, price as cpu_vm, and give the
-    committed report's group numbers."""
+    """experiments/cost_study/example_cpu_demo: its five summaries still load, price as cpu_vm, and give the
+    committed report's group numbers, with a training CV under the 20% warning (idle cores)."""
     example = PROJECT_ROOT / "experiments" / "cost_study" / "example_cpu_demo"
     runs = [load_run(path) for path in sorted((example / "runs" / "cpu").glob("seed_*"))]
     (group,) = group_runs(runs, load_flavors(FLAVORS))
-    assert group.label == "cpu_vm" and len(group.runs) == 3
+    assert group.label == "cpu_vm" and len(group.runs) == 5
+    assert group.training_cv < 0.20
     with open(example / "report" / "cost_groups.csv") as handle:
         (committed,) = list(csv.DictReader(handle))
     for name, stat in (("training_s", group.stat("training")), ("fixed_s", group.stat("fixed")),
