@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 import xraycls
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -33,34 +36,34 @@ def test_inference_and_evaluation_import_no_training_stack() -> None:
     assert result.stdout.strip() == "[]", f"xraycls.inference/evaluation loaded {result.stdout.strip()}"
 
 
-# `xraycls predict` on one PNG with a tiny bundle, through the CLI's own entry; prints the stack it loaded.
+# `xraycls predict` on one PNG with a tiny bundle, through the CLI's own entry in a fresh process; prints
+# its exit code and the training-stack modules it loaded.
 _CLI_PREDICT = """
 import sys
-from pathlib import Path
-import numpy as np, cv2
-from xraycls.findings import NUM_LABELS
-from xraycls.inference.bundle import export_bundle, make_preprocessing
-from xraycls.model.backbone import create_backbone
-out = Path(sys.argv[1])
-kwargs = {"num_classes": NUM_LABELS, "img_size": 64, "patch_size": 16, "global_pool": "avg"}
-model = create_backbone("test_vit", weights="none", **kwargs).eval()
-export_bundle(model, out / "model", backbone_name="test_vit", backbone_kwargs=kwargs,
-              preprocessing=make_preprocessing(image_size=64, input_size=64))
-cv2.imwrite(str(out / "x.png"), np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8))
 from xraycls.cli import main
-code = main(["predict", "--model", str(out / "model"), str(out / "x.png"), "--out", str(out / "p.csv"),
-             "--device", "cpu", "--quiet"])
-print(code, sorted(m for m in sys.argv[2].split(",") if m in sys.modules))
+model, image, out = sys.argv[1:4]
+code = main(["predict", "--model", model, image, "--out", out, "--device", "cpu", "--quiet"])
+print(code, sorted(m for m in sys.argv[4].split(",") if m in sys.modules))
 """
 
 
-def test_cli_predict_loads_no_training_stack(tmp_path: Path) -> None:
+def test_cli_predict_loads_no_training_stack(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-c", _CLI_PREDICT, str(tmp_path), ",".join(TRAINING_STACK)]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "p.csv"
+    command = [sys.executable, "-c", _CLI_PREDICT, str(tiny_bundle_dir), str(image), str(out)]
+    result = subprocess.run(
+        [*command, ",".join(TRAINING_STACK)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout
-    rows = [line for line in (tmp_path / "p.csv").read_text().splitlines() if not line.startswith("#")]
+    rows = [line for line in out.read_text().splitlines() if not line.startswith("#")]
     assert len(rows) == 2  # the header and the one image
 
 
