@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from xraycls.errors import SettingsError
+from xraycls.errors import SettingsError, one_line
 
 log = logging.getLogger("xraycls.train")
 
@@ -35,9 +37,13 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         summary = run_training(cfg)
-    except SettingsError:
+    except SettingsError as error:
         remove_unstarted_run_dir(Path(cfg.paths.output_dir))
-        raise
+        if HydraConfig.get().mode == RunMode.MULTIRUN or _show_traceback():
+            raise  # a sweep records the refused trial and goes on (xraycls.experiment.record)
+        # A single run: exit here, before Hydra adds its own "Error executing job" line.
+        print(f"train.py: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
     stage, _, name = str(cfg.optimized_metric).partition("/")
     value = (summary["metrics"].get(stage) or {}).get(name)
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -47,21 +53,22 @@ def main(cfg: DictConfig) -> float | None:
     return float(value)
 
 
-def _one_line(error: BaseException) -> str:
-    # Hydra's composition messages span lines and end with the config search path: keep the first part.
-    return " ".join(str(error).split("Config search path")[0].split())
+def _show_traceback() -> bool:
+    return os.environ.get("XRAYCLS_FULL_ERROR") == "1"
 
 
 def run() -> int:
     """`main` with setting errors as one line on stderr and exit status 2."""
-    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own multi-line report
+    # The user's HYDRA_FULL_ERROR=1 asks for tracebacks; ours makes Hydra raise instead of printing its own
+    # multi-line report, so the choice travels to the job (and submitit's) as XRAYCLS_FULL_ERROR.
+    os.environ.setdefault("XRAYCLS_FULL_ERROR", "1" if os.environ.get("HYDRA_FULL_ERROR") == "1" else "0")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except (SettingsError, *_COMPOSITION_ERRORS) as error:
-        if show_traceback:
+        if _show_traceback():
             raise
-        print(f"train.py: error: {_one_line(error)}", file=sys.stderr)
+        print(f"train.py: error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
 

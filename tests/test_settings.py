@@ -69,6 +69,7 @@ def test_a_wrong_setting_is_one_line_exit_2_and_leaves_no_run_folder(refused: di
     assert lines[-1].startswith("train.py: error: "), lines[-3:]
     assert REFUSED[case][1] in lines[-1], lines[-1]
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    assert "Error executing job" not in result.stderr  # Hydra's own line, before ours
     left = [path for path in runs.rglob("*")] if runs.exists() else []
     assert not left, f"a refused run left {left}"
 

@@ -40,6 +40,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from xraycls.errors import one_line
 from xraycls.files import check_output_dir, check_output_file
 
 __all__ = ["main", "build_parser"]
@@ -178,7 +179,7 @@ def _plan(args: argparse.Namespace) -> int:
             cfg = compose("config", overrides=list(args.overrides))
     except HydraException as error:
         # Hydra's message spans lines (options, search path): keep it to one line naming the options.
-        message = " ".join(str(error).split("Config search path")[0].split())
+        message = one_line(error)
         raise ValueError(f"overrides {list(args.overrides)}: {message}") from None
     # The plan reads hardware, model, data and trainer only: the run directory (hydra:runtime) does not
     # exist outside `train.py`, so nothing else is resolved.
@@ -500,18 +501,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException) -> str:
-    """The error as one line; an OSError of the system as 'path: reason' (its own `str` is
-    "[Errno 13] Permission denied: 'path'")."""
-    if isinstance(error, OSError) and error.strerror and error.filename is not None:
-        text = f"{os.fsdecode(error.filename)}: {error.strerror}"
-        if error.filename2 is not None:
-            text = f"{os.fsdecode(error.filename)} -> {os.fsdecode(error.filename2)}: {error.strerror}"
-    else:
-        text = str(error) or type(error).__name__
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def _debug(args: argparse.Namespace) -> bool:
     return args.verbose or os.environ.get("XRAYCLS_DEBUG", "") not in ("", "0")
 
@@ -528,12 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         if _debug(args):
             raise
-        print(f"xraycls {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"xraycls {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # after the checks: a disk filling up, a folder made read-only meanwhile
         if _debug(args):
             raise
-        print(f"xraycls {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"xraycls {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"xraycls {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

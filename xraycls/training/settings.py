@@ -26,10 +26,10 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from xraycls.errors import SettingsError
+from xraycls.errors import SettingsError, one_line
 from xraycls.hardware.ipu import IPUUnavailableError
 from xraycls.model.backbone import WeightsUnavailableError, check_backbone_source
-from xraycls.model.module import check_optim_settings
+from xraycls.model.module import XrayClassifier, check_optim_settings
 from xraycls.training.summary import SUMMARY_NAME
 
 __all__ = [
@@ -68,7 +68,7 @@ def setting_errors() -> Iterator[None]:
     except SettingsError:
         raise
     except _SETTING_ERRORS as error:
-        raise SettingsError(" ".join(str(error).split())) from error
+        raise SettingsError(one_line(error)) from error
 
 
 def check_settings(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> None:
@@ -142,14 +142,17 @@ def _check_trains_a_step(trainer: DictConfig) -> None:
 
 
 def _check_model(model: dict[str, Any]) -> None:
-    """The module's optimiser settings, before data or weights (the weight source: `check_model_source`)."""
+    """The module's optimiser settings, before data or weights (the weight source: `check_model_source`);
+    settings the config leaves out take the module's own defaults."""
+    parameters = inspect.signature(XrayClassifier).parameters
+    value = {name: model.get(name, parameter.default) for name, parameter in parameters.items()}
     check_optim_settings(
-        float(model.get("lr", 2e-4)),
-        float(model.get("weight_decay", 0.05)),
-        float(model.get("warmup_ratio", 0.25)),
-        float(model.get("min_lr_ratio", 0.0)),
-        model.get("layer_decay"),
-        tuple(model.get("betas", (0.9, 0.999))),
+        float(value["lr"]),
+        float(value["weight_decay"]),
+        float(value["warmup_ratio"]),
+        float(value["min_lr_ratio"]),
+        value["layer_decay"],
+        tuple(value["betas"]),
     )
 
 
